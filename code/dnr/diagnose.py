@@ -1,0 +1,423 @@
+"""The Diagnosing & Re-learning core (Wei et al., ECCV 2024), usable from any training loop.
+
+Pure functions:
+    purity_score(labels, clusters)                 majority-label purity of a clustering
+    minmax_scale(x)                                per-dimension scaling to [-1, 1]
+    kmeans(x, k, n_init=10, max_iter=300, seed=0)  k-means++ and Lloyd in torch, on x's device
+    diagnose_purity(features, labels, n_clusters)  scale -> k-means -> purity
+    relearn_strength(purity_train, purity_val, lam) tanh(lam * |gap|)
+    soft_reinit_(module, init_state, alpha)        theta <- alpha * theta_init + (1 - alpha) * theta
+and one class, `Relearner`, that snapshots the encoders, decides when to diagnose, applies the
+strengths and keeps a record of every diagnosis.
+
+The method, in the paper's steps:
+  1. snapshot every encoder before the first optimisation step (theta_init);
+  2. diagnose each modality k: cluster its pooled features on the training split D and on the
+     validation split V, g_k = |purity_k(D) - purity_k(V)|;
+  3. re-learn: a_k = tanh(lambda * g_k), every encoder parameter of modality k becomes
+     a_k * theta_init + (1 - a_k) * theta_now. Modalities are treated one by one; nothing is
+     normalised across them.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "purity_score",
+    "minmax_scale",
+    "kmeans",
+    "diagnose_purity",
+    "relearn_strength",
+    "soft_reinit_",
+    "snapshot",
+    "Diagnosis",
+    "Relearner",
+    "KMEANS_BACKENDS",
+]
+
+KMEANS_BACKENDS = ("torch", "sklearn")
+
+
+def _as_int_array(x, what: str) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be one-dimensional, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise ValueError(f"{what} must hold integer ids, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64)
+    return arr
+
+
+def purity_score(labels, clusters) -> float:
+    """Fraction of samples whose label is the majority label of their cluster.
+
+    `labels` and `clusters` are 1-D sequences (list, numpy array or tensor) of integer ids of the
+    same length; ids need not be contiguous or start at 0. Ties between majority labels do not
+    change the value (every tied label counts the same number of samples).
+    """
+    y = _as_int_array(labels, "labels")
+    c = _as_int_array(clusters, "clusters")
+    if y.shape != c.shape:
+        raise ValueError(f"labels and clusters differ in length: {y.shape[0]} vs {c.shape[0]}")
+    if y.size == 0:
+        raise ValueError("purity_score needs at least one sample")
+    _, y_idx = np.unique(y, return_inverse=True)
+    _, c_idx = np.unique(c, return_inverse=True)
+    table = np.zeros((c_idx.max() + 1, y_idx.max() + 1), dtype=np.int64)  # (clusters, labels)
+    np.add.at(table, (c_idx, y_idx), 1)
+    return float(table.max(axis=1).sum() / y.size)
+
+
+def minmax_scale(x: Tensor, feature_range: Tuple[float, float] = (-1.0, 1.0)) -> Tensor:
+    """Scale every column of `x` (N, D) to `feature_range`, fitted on `x` itself.
+
+    Matches scikit-learn's MinMaxScaler: a constant column (zero range) maps to the lower end.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"minmax_scale expects a (N, D) matrix, got shape {tuple(x.shape)}")
+    lo, hi = feature_range
+    if not lo < hi:
+        raise ValueError(f"feature_range must be increasing, got {feature_range}")
+    x = x if x.is_floating_point() else x.float()
+    col_min = x.min(dim=0).values
+    span = x.max(dim=0).values - col_min
+    span = torch.where(span == 0, torch.ones_like(span), span)
+    return (x - col_min) / span * (hi - lo) + lo
+
+
+def _sq_dist(x: Tensor, x_sq: Tensor, centers: Tensor) -> Tensor:
+    """Squared distances of x (N, D) to each run's centers (R, K, D) -> (R, N, K)."""
+    c_sq = (centers * centers).sum(-1)  # (R, K)
+    cross = torch.matmul(x, centers.transpose(1, 2))  # (N, D) @ (R, D, K) -> (R, N, K)
+    return (x_sq[None, :, None] - 2.0 * cross + c_sq[:, None, :]).clamp_min_(0.0)
+
+
+def _kmeans_pp(x: Tensor, x_sq: Tensor, k: int, runs: int, gen: torch.Generator) -> Tensor:
+    """Greedy k-means++ seeding (as in scikit-learn: 2 + log(k) candidates per centre), batched
+    over `runs` independent restarts. Returns centres (R, K, D)."""
+    n, d = x.shape
+    trials = 2 + int(math.log(k))
+    rows = torch.arange(runs, device=x.device)
+    centers = x.new_empty((runs, k, d))
+    first = torch.randint(n, (runs,), generator=gen, device=x.device)
+    centers[:, 0] = x[first]
+    closest = _sq_dist(x, x_sq, centers[:, :1]).squeeze(-1)  # (R, N)
+    for j in range(1, k):
+        weights = closest.clone()
+        # Every point coincides with a centre already: pick uniformly instead of failing.
+        weights[weights.sum(1) <= 0] = 1.0
+        cand = torch.multinomial(weights, trials, replacement=True, generator=gen)  # (R, T)
+        cand_x = x[cand]  # (R, T, D)
+        d_cand = torch.minimum(closest[:, :, None], _sq_dist(x, x_sq, cand_x))  # (R, N, T)
+        best = d_cand.sum(1).argmin(1)  # (R,)
+        centers[:, j] = cand_x[rows, best]
+        closest = d_cand[rows, :, best]
+    return centers
+
+
+def kmeans(
+    x: Tensor,
+    k: int,
+    *,
+    n_init: int = 10,
+    max_iter: int = 300,
+    seed: int = 0,
+    tol: float = 1e-4,
+) -> Tensor:
+    """k-means++ seeding and Lloyd iterations in torch, on `x`'s device.
+
+    The `n_init` restarts run as one batch (a (n_init, N, k) distance tensor per iteration), and
+    the restart with the lowest inertia wins. Deterministic for a given seed and device.
+    `tol` is relative to the mean per-dimension variance of `x`, as in scikit-learn.
+    Returns the cluster id of each row as a LongTensor (N,) on `x`'s device.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"kmeans expects a (N, D) matrix, got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"kmeans needs 1 <= k <= number of samples, got k={k}, N={n}")
+    if n_init < 1 or max_iter < 1:
+        raise ValueError(f"n_init and max_iter must be >= 1, got {n_init} and {max_iter}")
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    if not torch.isfinite(x).all():
+        raise ValueError("kmeans input holds NaN or infinite values")
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(int(seed))
+    x_sq = (x * x).sum(1)
+    tol_abs = float(tol * x.var(dim=0, unbiased=False).mean())
+
+    centers = _kmeans_pp(x, x_sq, k, n_init, gen)  # (R, K, D)
+    labels = None
+    for _ in range(max_iter):
+        dist = _sq_dist(x, x_sq, centers)  # (R, N, K)
+        new_labels = dist.argmin(-1)  # (R, N)
+        one_hot = torch.nn.functional.one_hot(new_labels, k).to(x.dtype)  # (R, N, K)
+        counts = one_hot.sum(1)  # (R, K)
+        sums = torch.matmul(one_hot.transpose(1, 2), x)  # (R, K, N) @ (N, D) -> (R, K, D)
+        new_centers = sums / counts.clamp_min(1)[..., None]
+        empty = counts == 0
+        if empty.any():
+            # An empty cluster is moved to the points farthest from their centres (as sklearn).
+            far_dist = dist.min(-1).values  # (R, N)
+            for r in torch.nonzero(empty.any(1)).flatten().tolist():
+                slots = torch.nonzero(empty[r]).flatten()
+                far = far_dist[r].topk(len(slots)).indices
+                new_centers[r, slots] = x[far]
+        shift = ((new_centers - centers) ** 2).sum((1, 2))  # (R,)
+        centers = new_centers
+        converged = labels is not None and bool((new_labels == labels).all())
+        labels = new_labels
+        if converged or bool((shift <= tol_abs).all()):
+            break
+    dist = _sq_dist(x, x_sq, centers)
+    min_dist, labels = dist.min(-1)  # (R, N)
+    best = int(min_dist.sum(1).argmin())
+    return labels[best].long()
+
+
+def _kmeans_sklearn(x: Tensor, k: int, *, n_init, seed: int) -> Tensor:
+    """scikit-learn's KMeans (the authors' choice), for reproduction runs."""
+    from sklearn.cluster import KMeans
+
+    arr = x.detach().cpu().double().numpy()
+    labels = KMeans(n_clusters=k, random_state=seed, n_init=n_init).fit_predict(arr)
+    return torch.from_numpy(labels).long()
+
+
+def diagnose_purity(
+    features: Tensor,
+    labels,
+    n_clusters: int,
+    *,
+    seed: int = 0,
+    n_init: int = 10,
+    backend: str = "torch",
+) -> float:
+    """Purity of k-means clusters (k = `n_clusters`) of `features` (N, D) against `labels` (N,).
+
+    Features are scaled per dimension to [-1, 1] on this matrix alone (paper, step 2), so the
+    train and val purities are each measured on their own scale.
+    """
+    if backend not in KMEANS_BACKENDS:
+        raise ValueError(f"unknown k-means backend {backend!r}; choose one of {KMEANS_BACKENDS}")
+    if features.dim() != 2:
+        raise ValueError(f"features must be (N, D), got shape {tuple(features.shape)}")
+    y = _as_int_array(labels, "labels")
+    if y.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"features and labels differ in length: {features.shape[0]} vs {y.shape[0]}"
+        )
+    scaled = minmax_scale(features.detach().float())
+    if backend == "torch":
+        clusters = kmeans(scaled, n_clusters, n_init=n_init, seed=seed)
+    else:
+        clusters = _kmeans_sklearn(scaled, n_clusters, n_init=n_init, seed=seed)
+    return purity_score(y, clusters.cpu())
+
+
+def relearn_strength(purity_train: float, purity_val: float, lam: float) -> float:
+    """Re-learning strength a = tanh(lam * |purity_train - purity_val|), in [0, 1)."""
+    for name, p in (("purity_train", purity_train), ("purity_val", purity_val)):
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {p}")
+    if lam < 0:
+        raise ValueError(f"lam (--move_lambda) must be >= 0, got {lam}")
+    return math.tanh(lam * abs(float(purity_train) - float(purity_val)))
+
+
+def snapshot(module: nn.Module, *, buffers: bool = False) -> Dict[str, Tensor]:
+    """A detached copy of a module's parameters (and floating buffers if asked), by name."""
+    state = {name: p.detach().clone() for name, p in module.named_parameters()}
+    if buffers:
+        for name, b in module.named_buffers():
+            if b.is_floating_point():
+                state[name] = b.detach().clone()
+    return state
+
+
+@torch.no_grad()
+def soft_reinit_(
+    module: nn.Module, init_state: Mapping[str, Tensor], alpha: float, *, buffers: bool = False
+) -> None:
+    """In place: every parameter becomes alpha * init + (1 - alpha) * current.
+
+    BatchNorm running statistics and other buffers are left alone unless `buffers=True` (then
+    floating buffers are interpolated the same way; integer counters never are). Optimiser state
+    is not touched: the parameters stay the same objects.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    tensors = list(module.named_parameters())
+    if buffers:
+        tensors += [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
+    for name, current in tensors:
+        if name not in init_state:
+            raise KeyError(f"init_state has no entry for {name!r}; was it snapshotted from this module?")
+        init = init_state[name]
+        if init.shape != current.shape:
+            raise ValueError(
+                f"init_state[{name!r}] has shape {tuple(init.shape)}, the module {tuple(current.shape)}"
+            )
+        current.mul_(1.0 - alpha).add_(init.to(device=current.device, dtype=current.dtype) * alpha)
+
+
+@dataclass
+class Diagnosis:
+    """What one diagnosis measured and did. Epochs are 0-based, as in the trainer's log."""
+
+    epoch: int
+    purity: Dict[str, Dict[str, float]]  # modality -> {"train": p, "val": p}
+    gap: Dict[str, float]
+    alpha: Dict[str, float]
+    applied: bool = True
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FeatureFn = Callable[[str], Tuple[Mapping[str, Tensor], Tensor]]
+
+
+@dataclass
+class Relearner:
+    """Diagnosing & Re-learning for any model with one encoder module per modality.
+
+    Create it before the first optimisation step (it snapshots the encoders then). After each
+    epoch call `step(epoch, extract)`, where `extract(split)` returns, for split "train" and
+    "val", a dict modality -> pooled features (N, D) and the labels (N,). It diagnoses when
+    `epoch > 0 and epoch % reinit_epoch == 0` (0-based epochs, as in the authors' code, so with
+    the defaults after the 21st, 41st and 61st epochs), at most `reinit_num` times.
+
+        relearner = Relearner(model.encoders, n_clusters=6, lam=3.0)
+        for epoch in range(epochs):
+            train_one_epoch(...)
+            record = relearner.step(epoch, extract)   # None when no diagnosis is due
+    """
+
+    encoders: Mapping[str, nn.Module]
+    n_clusters: int
+    lam: float = 3.0
+    reinit_epoch: int = 20
+    reinit_num: int = 3
+    seed: int = 0
+    n_init: int = 10
+    kmeans_backend: str = "torch"
+    reinit_buffers: bool = False
+    apply: bool = True  # False: diagnose and record only (a "diagnose-only" ablation)
+    init_states: Dict[str, Dict[str, Tensor]] = field(default_factory=dict)
+    num_reinits: int = 0
+    history: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.encoders:
+            raise ValueError("Relearner needs at least one encoder")
+        if self.n_clusters < 2:
+            raise ValueError(f"n_clusters must be >= 2, got {self.n_clusters}")
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if self.kmeans_backend not in KMEANS_BACKENDS:
+            raise ValueError(
+                f"unknown kmeans_backend {self.kmeans_backend!r}; choose one of {KMEANS_BACKENDS}"
+            )
+        self.encoders = dict(self.encoders)
+        if not self.init_states:
+            self.init_states = {
+                m: snapshot(enc, buffers=self.reinit_buffers) for m, enc in self.encoders.items()
+            }
+
+    @property
+    def modalities(self) -> Sequence[str]:
+        return list(self.encoders)
+
+    def due(self, epoch: int) -> bool:
+        """Whether a diagnosis follows 0-based `epoch`."""
+        return (
+            self.reinit_epoch > 0
+            and epoch > 0
+            and epoch % self.reinit_epoch == 0
+            and self.num_reinits < self.reinit_num
+        )
+
+    def diagnose(
+        self,
+        train: Tuple[Mapping[str, Tensor], Tensor],
+        val: Tuple[Mapping[str, Tensor], Tensor],
+        epoch: int = -1,
+    ) -> Diagnosis:
+        """Purities on both splits, their gap and the strength, per modality. Changes nothing."""
+        start = time.perf_counter()
+        purity, gap, alpha = {}, {}, {}
+        for m in self.modalities:
+            per_split = {}
+            for split, (feats, labels) in (("train", train), ("val", val)):
+                if m not in feats:
+                    raise KeyError(
+                        f"extract({split!r}) returned no features for modality {m!r} "
+                        f"(got {sorted(feats)})"
+                    )
+                per_split[split] = diagnose_purity(
+                    feats[m],
+                    labels,
+                    self.n_clusters,
+                    seed=self.seed,
+                    n_init=self.n_init,
+                    backend=self.kmeans_backend,
+                )
+            purity[m] = per_split
+            gap[m] = abs(per_split["train"] - per_split["val"])
+            alpha[m] = relearn_strength(per_split["train"], per_split["val"], self.lam)
+        return Diagnosis(
+            epoch=epoch,
+            purity=purity,
+            gap=gap,
+            alpha=alpha,
+            applied=False,
+            seconds=time.perf_counter() - start,
+        )
+
+    def relearn(self, diagnosis: Diagnosis) -> None:
+        """Soft re-initialisation of every encoder with its own strength."""
+        for m, enc in self.encoders.items():
+            soft_reinit_(enc, self.init_states[m], diagnosis.alpha[m], buffers=self.reinit_buffers)
+        diagnosis.applied = True
+
+    def step(self, epoch: int, extract: FeatureFn) -> Optional[Diagnosis]:
+        """Diagnose and re-learn if due after `epoch`; returns the record, or None."""
+        if not self.due(epoch):
+            return None
+        start = time.perf_counter()
+        diagnosis = self.diagnose(extract("train"), extract("val"), epoch)
+        if self.apply:
+            self.relearn(diagnosis)
+        diagnosis.seconds = time.perf_counter() - start
+        self.num_reinits += 1
+        self.history.append(diagnosis)
+        return diagnosis
+
+    def state_dict(self) -> dict:
+        return {
+            "init_states": self.init_states,
+            "num_reinits": self.num_reinits,
+            "history": [d.to_dict() for d in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        missing = set(self.encoders) - set(state["init_states"])
+        if missing:
+            raise KeyError(f"saved D&R state lacks init snapshots for modalities {sorted(missing)}")
+        self.init_states = {m: dict(state["init_states"][m]) for m in self.encoders}
+        self.num_reinits = int(state["num_reinits"])
+        self.history = [Diagnosis(**d) for d in state["history"]]

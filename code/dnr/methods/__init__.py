@@ -1,0 +1,11 @@
+"""Training methods, one small class each, selected with --method (see base.py for the hooks).
+
+To add a method: subclass `Method`, override the hooks it needs, decorate it with
+`register_method`, declare its flags in `add_args`, and import its module here.
+"""
+from .base import METHODS, Method, TrainContext, create_method, register_method
+from . import relearn  # noqa: F401  (registers "relearn")
+from .relearn import add_diagnosis_args, make_relearner
+
+__all__ = ["METHODS", "Method", "TrainContext", "create_method", "register_method",
+           "add_diagnosis_args", "make_relearner"]

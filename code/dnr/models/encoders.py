@@ -1,0 +1,107 @@
+"""Per-modality encoders. Each maps one modality's batch to a pooled feature (B, out_dim).
+
+The registry maps a name to a builder taking the modality's `ModalitySpec`; `default_encoder`
+picks one from the modality's kind, so a new dataset needs no model code.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet18
+
+from ..data.base import ModalitySpec
+
+ENCODERS: Dict[str, Callable[[ModalitySpec], nn.Module]] = {}
+DEFAULT_FOR_KIND = {"spectrogram": "resnet18", "frames": "resnet18", "vector": "mlp"}
+
+
+def register_encoder(name: str):
+    def wrap(fn):
+        if name in ENCODERS:
+            raise ValueError(f"encoder {name!r} registered twice")
+        ENCODERS[name] = fn
+        return fn
+
+    return wrap
+
+
+class ResNet18Encoder(nn.Module):
+    """torchvision's ResNet-18 (randomly initialised, as the authors train from scratch) with the
+    classifier removed: a 512-d globally pooled feature.
+
+    kind "spectrogram": input (B, C, F, T), C = 1 for audio (the first convolution takes C channels).
+    kind "frames":      input (B, T, C, H, W); frames are folded into the batch and their pooled
+                        features averaged, as the authors' visual encoder does.
+    """
+
+    out_dim = 512
+
+    def __init__(self, in_channels: int, frames: bool):
+        super().__init__()
+        net = resnet18(weights=None)
+        if in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.fc = nn.Identity()
+        self.net = net
+        self.frames = frames
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.frames:
+            return self.net(x)  # (B, C, F, T) -> (B, 512)
+        b, t = x.shape[:2]
+        feats = self.net(x.flatten(0, 1))  # (B, T, C, H, W) -> (B*T, C, H, W) -> (B*T, 512)
+        return feats.view(b, t, -1).mean(1)  # (B*T, 512) -> (B, T, 512) -> (B, 512)
+
+
+@register_encoder("resnet18")
+def _resnet18(spec: ModalitySpec) -> nn.Module:
+    if spec.kind == "spectrogram":
+        if len(spec.shape) != 3:
+            raise ValueError(f"modality {spec.name!r}: a spectrogram must be (C, F, T), got {spec.shape}")
+        return ResNet18Encoder(spec.shape[0], frames=False)
+    if spec.kind == "frames":
+        if len(spec.shape) != 4:
+            raise ValueError(f"modality {spec.name!r}: frames must be (T, C, H, W), got {spec.shape}")
+        return ResNet18Encoder(spec.shape[1], frames=True)
+    raise ValueError(f"encoder resnet18 takes spectrogram or frames, not {spec.kind!r} ({spec.name!r})")
+
+
+class MLPEncoder(nn.Module):
+    """Two-layer perceptron for a fixed-length vector (B, D) -> (B, hidden)."""
+
+    def __init__(self, in_dim: int, hidden: int = 256):
+        super().__init__()
+        self.out_dim = hidden
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+@register_encoder("mlp")
+def _mlp(spec: ModalitySpec) -> nn.Module:
+    if spec.kind != "vector" or len(spec.shape) != 1:
+        raise ValueError(f"encoder mlp takes a vector (D,), got kind {spec.kind!r} shape {spec.shape}")
+    return MLPEncoder(spec.shape[0])
+
+
+def default_encoder(spec: ModalitySpec) -> str:
+    if spec.kind not in DEFAULT_FOR_KIND:
+        raise ValueError(f"no default encoder for modality {spec.name!r} of kind {spec.kind!r}; "
+                         f"registered encoders: {sorted(ENCODERS)}")
+    return DEFAULT_FOR_KIND[spec.kind]
+
+
+def create_encoder(name: str, spec: ModalitySpec) -> nn.Module:
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r} for modality {spec.name!r}; choose one of {sorted(ENCODERS)}")
+    enc = ENCODERS[name](spec)
+    if not isinstance(getattr(enc, "out_dim", None), int):
+        raise TypeError(f"encoder {name!r} must expose an integer out_dim")
+    return enc

@@ -1,0 +1,422 @@
+"""Train and evaluate a multimodal classifier: the baseline, Diagnosing & Re-learning, or any
+registered method, on any registered dataset, through one epoch loop.
+
+    python code/main.py                                   # D&R defaults on the built-in dataset
+    python code/main.py --method baseline --epochs 30
+    python code/main.py --help
+
+Splits: train trains, val selects the epoch (and feeds the D&R diagnosis), test is reported at
+the epoch chosen on val. Everything a run writes goes under --ckpt_path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from dnr import __version__
+from dnr import checkpoint as ckpt_io
+from dnr.data import DATASETS, build_datasets
+from dnr.engine import evaluate, extract_features, train_one_epoch
+from dnr.logger import RunLogger, write_json
+from dnr.methods import METHODS, TrainContext, add_diagnosis_args, create_method, make_relearner
+from dnr.metrics import linear_probe_accuracy
+from dnr.models import FUSIONS, create_model
+from dnr.runtime import epoch_seed, pick_device, seed_everything, set_deterministic, worker_init
+
+SPLIT_METRICS = ("acc", "macro_f1", "map")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Balanced multimodal learning: baseline, Diagnosing & Re-learning (D&R) and "
+                    "comparison methods in one trainer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="builtin", choices=sorted(DATASETS),
+                   help="dataset; 'builtin' is generated on the fly, no download")
+    g.add_argument("--data_path", default=None,
+                   help="folder of a prepared dataset (not used by 'builtin')")
+    g.add_argument("--num_workers", type=int, default=0,
+                   help="DataLoader worker processes; 0 loads in the main process")
+    g.add_argument("--train_augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="training-time sampling and augmentation; --no-train_augment trains on the "
+                        "evaluation transform, as the authors' D&R runs did (reproduction switch)")
+    for name, entry in sorted(DATASETS.items()):
+        entry.add_args(p.add_argument_group(f"dataset '{name}' ({entry.description})"))
+
+    g = p.add_argument_group("model")
+    g.add_argument("--fusion", default="concat", choices=FUSIONS,
+                   help="fusion head; per-modality accuracy comes from the head for concat and sum, "
+                        "from a linear probe for film and gated")
+    g.add_argument("--encoders", default="",
+                   help="override the encoder per modality as NAME=ENCODER pairs, e.g. "
+                        "'audio=resnet18'; by default each modality's kind picks one")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--method", default="relearn", choices=sorted(METHODS),
+                   help="training method: " + "; ".join(f"{n}: {c.help}" for n, c in sorted(METHODS.items())))
+    g.add_argument("--batch_size", type=int, default=64, help="samples per step")
+    g.add_argument("--epochs", type=int, default=90, help="training epochs")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimiser")
+    g.add_argument("--learning_rate", type=float, default=0.002, help="initial learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight_decay", type=float, default=1e-4, help="L2 weight decay")
+    g.add_argument("--lr_decay_step", type=int, default=0,
+                   help="multiply the learning rate by --lr_decay_ratio every this many epochs; 0 "
+                        "keeps it constant (the authors' D&R runs had no schedule)")
+    g.add_argument("--lr_decay_ratio", type=float, default=0.1, help="learning-rate decay factor")
+    g.add_argument("--grad_clip", type=float, default=0.0,
+                   help="clip the gradient norm to this value; 0 disables")
+
+    add_diagnosis_args(p.add_argument_group("D&R (diagnosis and re-learning)"))
+    for name, cls in sorted(METHODS.items()):
+        cls.add_args(p.add_argument_group(f"method '{name}'"))
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--select_on", choices=("val", "test"), default="val",
+                   help="split whose accuracy picks the reported epoch; 'test' reproduces the "
+                        "authors' selection on the test set (biased; reproduction switch)")
+    g.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="after training, fit a logistic-regression probe per modality on the "
+                        "selected model's frozen training features and report its test accuracy")
+    g.add_argument("--eval_batch_size", type=int, default=0,
+                   help="batch size for evaluation and feature extraction; 0 = 2 x --batch_size")
+    g.add_argument("--eval_only", action="store_true",
+                   help="evaluate a checkpoint (--resume PATH, else <ckpt_path>/best.pth) on val and "
+                        "test, write eval.json, and exit")
+
+    g = p.add_argument_group("runtime")
+    g.add_argument("--random_seed", type=int, default=0, help="seed of initialisation, shuffling, augmentation")
+    g.add_argument("--ckpt_path", default=None,
+                   help="output folder of this run (created if missing); default "
+                        "runs/<dataset>_<method>_seed<seed> under the current folder")
+    g.add_argument("--tensorboard_path", default=None,
+                   help="TensorBoard folder; default <ckpt_path>/tensorboard")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto takes CUDA when available; choose the GPU with CUDA_VISIBLE_DEVICES")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue a run: a checkpoint file or run folder; the bare flag takes "
+                        "<ckpt_path>/last.pth")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms only (slower; a resumed run then matches an "
+                        "uninterrupted one exactly on the CPU)")
+    g.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="progress bars; auto shows them when stderr is a terminal")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    rules = [
+        (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
+        (args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}"),
+        (args.eval_batch_size >= 0, f"--eval_batch_size must be >= 0, got {args.eval_batch_size}"),
+        (args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}"),
+        (args.weight_decay >= 0, f"--weight_decay must be >= 0, got {args.weight_decay}"),
+        (args.lr_decay_step >= 0, f"--lr_decay_step must be >= 0 (0 disables), got {args.lr_decay_step}"),
+        (0 < args.lr_decay_ratio <= 1, f"--lr_decay_ratio must lie in (0, 1], got {args.lr_decay_ratio}"),
+        (args.grad_clip >= 0, f"--grad_clip must be >= 0 (0 disables), got {args.grad_clip}"),
+        (args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}"),
+        (args.move_lambda >= 0, f"--move_lambda must be >= 0, got {args.move_lambda}"),
+        (args.reinit_epoch >= 0, f"--reinit_epoch must be >= 0 (0 disables), got {args.reinit_epoch}"),
+        (args.reinit_num >= 0, f"--reinit_num must be >= 0, got {args.reinit_num}"),
+        (args.kmeans_n_init >= 1, f"--kmeans_n_init must be >= 1, got {args.kmeans_n_init}"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            p.error(message)
+    if args.data_path is not None and not Path(args.data_path).is_dir():
+        p.error(f"--data_path {args.data_path!r} is not a folder")
+    if args.ckpt_path is not None and Path(args.ckpt_path).exists() and not Path(args.ckpt_path).is_dir():
+        p.error(f"--ckpt_path {args.ckpt_path!r} exists and is not a folder")
+
+
+def parse_encoders(text: str) -> dict:
+    out = {}
+    for part in filter(None, (t.strip() for t in text.split(","))):
+        if "=" not in part:
+            raise ValueError(f"--encoders: expected MODALITY=ENCODER pairs, got {part!r}")
+        m, e = part.split("=", 1)
+        out[m.strip()] = e.strip()
+    return out
+
+
+def say(*parts) -> None:
+    print(*parts, flush=True)
+
+
+def build_optimizer(args, model):
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
+                              weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                               weight_decay=args.weight_decay)
+    # step_size 0 means "no decay": a StepLR with gamma 1 keeps the scheduler in the checkpoint either way.
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(args.lr_decay_step, 1),
+                                            gamma=args.lr_decay_ratio if args.lr_decay_step > 0 else 1.0)
+    return opt, sched
+
+
+def make_loaders(args, splits, device):
+    eval_bs = args.eval_batch_size or 2 * args.batch_size
+    common = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init)
+    train_set = splits.train if args.train_augment else splits.train_eval
+    gen = torch.Generator()
+    # A last batch of one sample breaks BatchNorm in training mode: drop it only in that case.
+    drop_last = len(train_set) % args.batch_size == 1
+    train = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen,
+                       drop_last=drop_last, **common)
+    evals = {name: DataLoader(ds, batch_size=eval_bs, shuffle=False, **common)
+             for name, ds in (("train", splits.train_eval), ("val", splits.val), ("test", splits.test))}
+    return train, gen, evals
+
+
+def fmt_metrics(m: dict, modalities) -> str:
+    uni = " ".join(f"{k}={m[f'acc_{k}']:.3f}" for k in modalities if f"acc_{k}" in m)
+    return f"acc {m['acc']:.4f} f1 {m['macro_f1']:.4f} mAP {m['map']:.4f}" + (f" [{uni}]" if uni else "")
+
+
+def fmt_diagnosis(d: dict) -> str:
+    rows = [f"  diagnosis after epoch {d['epoch']} ({'applied' if d['applied'] else 'recorded only'}, "
+            f"{d['seconds']:.1f}s):"]
+    for m, p in d["purity"].items():
+        rows.append(f"    {m:>10}: purity train {p['train']:.3f} val {p['val']:.3f}  "
+                    f"gap {d['gap'][m]:.3f}  strength {d['alpha'][m]:.3f}")
+    return "\n".join(rows)
+
+
+def versions() -> dict:
+    import numpy
+    import sklearn
+    import torchvision
+
+    return {"dnr": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "sklearn": sklearn.__version__, "cuda": torch.version.cuda}
+
+
+def resolve_resume(args, out: Path):
+    if args.resume is None:
+        return None
+    path = out / "last.pth" if args.resume == "auto" else Path(args.resume)
+    if path.is_dir():
+        path = path / "last.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    return path
+
+
+def check_compatible(saved: dict, args, info) -> None:
+    """A checkpoint resumes only the run it came from: same dataset, method, modalities, classes."""
+    old = saved["args"]
+    for key in ("dataset", "method", "fusion"):
+        if old.get(key) != getattr(args, key):
+            raise ValueError(f"checkpoint was made with --{key} {old.get(key)!r}, this run has "
+                             f"{getattr(args, key)!r}; resume with the same setting")
+    if saved["info"] != info.to_dict():
+        raise ValueError(f"checkpoint's dataset description {saved['info']} differs from the current "
+                         f"data {info.to_dict()}")
+
+
+def run_eval_only(args, out: Path, device) -> dict:
+    path = Path(args.resume) if args.resume not in (None, "auto") else out / "best.pth"
+    if path.is_dir():
+        path = path / "best.pth"
+    saved = ckpt_io.load(path, map_location="cpu")
+    splits = build_datasets(args.dataset, args)
+    if saved["info"] != splits.info.to_dict():
+        raise ValueError(f"{path} was trained on {saved['info']}, not on the current data {splits.info.to_dict()}")
+    model = create_model(splits.info, **saved["model_args"]).to(device)
+    model.load_state_dict(saved["model"])
+    _, _, evals = make_loaders(args, splits, device)
+    result = {"checkpoint": str(path), "epoch": saved["epoch"]}
+    for split in ("val", "test"):
+        result[split] = evaluate(model, evals[split], device, splits.info.num_classes)
+        say(f"{split}: {fmt_metrics(result[split], splits.info.modality_names)}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "eval.json", result)
+    return result
+
+
+def main(args: argparse.Namespace) -> dict:
+    out = Path(args.ckpt_path or f"runs/{args.dataset}_{args.method}_seed{args.random_seed}")
+    progress = sys.stderr.isatty() if args.progress == "auto" else args.progress == "on"
+    set_deterministic(args.deterministic)
+    device = pick_device(args.device)
+    if args.eval_only:
+        return run_eval_only(args, out, device)
+    resume = resolve_resume(args, out)
+    if resume is None and (out / "last.pth").exists():
+        raise FileExistsError(f"{out} already holds a run (last.pth); pass --resume to continue it, or "
+                              f"choose another --ckpt_path")
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(args.random_seed)
+
+    splits = build_datasets(args.dataset, args)
+    info = splits.info
+    model_args = {"fusion": args.fusion, "encoders": parse_encoders(args.encoders)}
+    model = create_model(info, **model_args).to(device)
+    method = create_method(args.method, args, model, info)  # D&R snapshots theta_init here
+    tracker = (make_relearner(args, model, info, apply=False)
+               if args.track_purity and args.method != "relearn" else None)
+    optimizer, scheduler = build_optimizer(args, model)
+    progress_state = {"best_score": -math.inf, "best_epoch": -1, "best_val": None, "best_test": None,
+                      "best_test_acc": -math.inf, "best_test_epoch": -1, "diagnoses": [], "seconds": 0.0}
+    start_epoch = 0
+    if resume is not None:
+        saved = ckpt_io.load(resume, map_location=device)
+        check_compatible(saved, args, info)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        method.load_state_dict(saved["method"])
+        if tracker is not None and saved.get("tracker"):
+            tracker.load_state_dict(saved["tracker"])
+        progress_state = saved["progress"]
+        start_epoch = saved["epoch"] + 1
+        ckpt_io.set_rng_state(saved["rng"])
+        say(f"resumed {resume} after epoch {saved['epoch']}")
+
+    write_json(out / "args.json", {**vars(args), "ckpt_path": str(out), "data": info.to_dict(),
+                                    "versions": versions(), "command": sys.argv})
+    tb_dir = args.tensorboard_path or str(out / "tensorboard")
+    logger = RunLogger(out, tb_dir, resume_epoch=start_epoch)
+    train_loader, train_gen, evals = make_loaders(args, splits, device)
+    ctx = TrainContext(model=model, device=device, info=info, args=args,
+                       extract_features=lambda split: extract_features(model, evals[split], device,
+                                                                        progress=progress, desc=f"features {split}"))
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"{args.method} on {info.name}: {len(splits.train)}/{len(splits.val)}/{len(splits.test)} "
+        f"train/val/test samples, {info.num_classes} classes, modalities "
+        + ", ".join(f"{s.name} {tuple(s.shape)} ({model.encoder_names[s.name]})" for s in info.modalities)
+        + f"; {n_params / 1e6:.1f}M parameters; {args.fusion} fusion; device {device}; output {out}")
+
+    modalities = info.modality_names
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.perf_counter()
+        seed = epoch_seed(args.random_seed, epoch)
+        seed_everything(seed)
+        train_gen.manual_seed(seed)
+        method.on_epoch_start(epoch, ctx)
+        train_stats = train_one_epoch(model, method, train_loader, optimizer, device, epoch,
+                                      grad_clip=args.grad_clip, progress=progress)
+        val = evaluate(model, evals["val"], device, info.num_classes)
+        test = evaluate(model, evals["test"], device, info.num_classes)
+        scheduler.step()
+
+        # Model selection comes before any re-initialisation at this epoch's end: best.pth holds
+        # the weights that produced these numbers.
+        score = val["acc"] if args.select_on == "val" else test["acc"]
+        is_best = score > progress_state["best_score"]
+        if is_best:
+            progress_state.update(best_score=score, best_epoch=epoch, best_val=val, best_test=test)
+            ckpt_io.save_atomic({"model": model.state_dict(), "epoch": epoch, "model_args": model_args,
+                                 "info": info.to_dict(), "args": vars(args), "val": val, "test": test},
+                                out / "best.pth")
+        if test["acc"] > progress_state["best_test_acc"]:
+            progress_state.update(best_test_acc=test["acc"], best_test_epoch=epoch)
+
+        record = {"epoch": epoch, "train": train_stats, "val": val, "test": test}
+        extra = method.on_epoch_end(epoch, ctx)
+        if tracker is not None:
+            d = tracker.step(epoch, ctx.extract_features)
+            if d is not None:
+                extra["diagnosis"] = d.to_dict()
+        record.update(extra)
+        if "diagnosis" in record:
+            progress_state["diagnoses"].append(record["diagnosis"])
+        record["seconds"] = time.perf_counter() - t0
+        progress_state["seconds"] += record["seconds"]
+        logger.log_epoch(record)
+        ckpt_io.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch, "args": vars(args),
+                             "model_args": model_args, "info": info.to_dict(), "method": method.state_dict(),
+                             "tracker": tracker.state_dict() if tracker is not None else None,
+                             "progress": progress_state, "rng": ckpt_io.rng_state()},
+                            out / "last.pth")
+        say(f"epoch {epoch:3d}/{args.epochs} loss {train_stats['loss']:.4f} train acc {train_stats['acc']:.3f} | "
+            f"val {fmt_metrics(val, modalities)} | test acc {test['acc']:.4f} | "
+            f"{record['seconds']:.1f}s{' *' if is_best else ''}")
+        if "diagnosis" in record:
+            say(fmt_diagnosis(record["diagnosis"]))
+    logger.close()
+
+    finish_start = time.perf_counter()
+    results = finalize(args, out, model, splits, evals, device, progress_state, model_args)
+    # Training time summed over every process of this run (resumes included), plus this finish.
+    results["seconds"] = progress_state["seconds"] + (time.perf_counter() - finish_start)
+    write_json(out / "results.json", results)
+    say(f"selected epoch {results['best_epoch']} (on {args.select_on}): "
+        f"val acc {results['val']['acc']:.4f}, test acc {results['test']['acc']:.4f}, "
+        f"macro-F1 {results['test']['macro_f1']:.4f}, mAP {results['test']['map']:.4f}; "
+        f"per-modality test acc ({results['unimodal_source']}) "
+        + ", ".join(f"{m} {a:.4f}" for m, a in results["unimodal_test_acc"].items())
+        + f"; best test acc over epochs {results['best_test_acc']:.4f} (epoch {results['best_test_epoch']}, "
+        f"test-selected, for comparison with the authors); results in {out / 'results.json'}")
+    return results
+
+
+def finalize(args, out, model, splits, evals, device, state, model_args) -> dict:
+    info = splits.info
+    best_val, best_test = state["best_val"], state["best_test"]
+    probe = {}
+    if args.probe:
+        best = ckpt_io.load(out / "best.pth", map_location=device)
+        model.load_state_dict(best["model"])
+        train_f, train_y = extract_features(model, evals["train"], device)
+        test_f, test_y = extract_features(model, evals["test"], device)
+        probe = {m: linear_probe_accuracy(train_f[m], train_y, test_f[m], test_y, seed=args.random_seed)
+                 for m in info.modality_names}
+    head = {m: best_test[f"acc_{m}"] for m in info.modality_names if f"acc_{m}" in best_test}
+    if len(head) == len(info.modality_names):
+        unimodal, source = head, "head"
+    else:
+        unimodal, source = probe, "probe" if probe else "none"
+    return {
+        "method": args.method,
+        "dataset": args.dataset,
+        "seed": args.random_seed,
+        "fusion": args.fusion,
+        "modalities": info.modality_names,
+        "num_classes": info.num_classes,
+        "epochs": args.epochs,
+        "select_on": args.select_on,
+        "best_epoch": state["best_epoch"],
+        "val": {k: best_val[k] for k in SPLIT_METRICS},
+        "test": {k: best_test[k] for k in SPLIT_METRICS},
+        "best_test_acc": state["best_test_acc"],
+        "best_test_epoch": state["best_test_epoch"],
+        "unimodal_test_acc": unimodal,
+        "unimodal_source": source,
+        "unimodal_val_acc": {m: best_val[f"acc_{m}"] for m in info.modality_names if f"acc_{m}" in best_val},
+        "probe_test_acc": probe,
+        "diagnoses": state["diagnoses"],
+        "model_args": model_args,
+        "device": str(device),
+        "versions": versions(),
+    }
+
+
+def cli(argv=None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    try:
+        main(args)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
