@@ -1,0 +1,114 @@
+"""Results over seeds: read the results.json of finished runs and write a table a paper can quote.
+
+    python script/summarize.py runs/builtin_*          # markdown table on stdout
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+
+def find_results(paths: Iterable) -> Tuple[List[dict], List[Path]]:
+    """Every results.json at or below the given run folders; also the folders that have a
+    last.pth but no results.json yet (unfinished runs), so they are reported, not silently dropped."""
+    runs, unfinished = [], []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"no run folder {p}")
+        files = [p] if p.is_file() else sorted(p.rglob("results.json"))
+        for f in files:
+            res = json.loads(f.read_text())
+            res["_path"] = str(f.parent)
+            runs.append(res)
+        if p.is_dir():
+            unfinished += [c.parent for c in p.rglob("last.pth") if not (c.parent / "results.json").exists()]
+    return runs, unfinished
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return math.nan, math.nan
+    m = sum(vals) / len(vals)
+    s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, s
+
+
+def pm(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+    m, s = mean_std(values)
+    if math.isnan(m):
+        return "-"
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+
+
+def group(runs: List[dict]) -> Dict[Tuple[str, str], List[dict]]:
+    groups: Dict[Tuple[str, str], List[dict]] = {}
+    for r in runs:
+        label = r["method"] + ("" if r.get("fusion", "concat") == "concat" else f" ({r['fusion']})")
+        groups.setdefault((r["dataset"], label), []).append(r)
+    for rs in groups.values():
+        rs.sort(key=lambda r: r["seed"])
+    return groups
+
+
+def summarize(runs: List[dict]) -> List[dict]:
+    rows = []
+    for (dataset, method), rs in sorted(group(runs).items()):
+        modalities = rs[0]["modalities"]
+        row = {
+            "dataset": dataset, "method": method, "seeds": [r["seed"] for r in rs],
+            "test_acc": pm([r["test"]["acc"] for r in rs]),
+            "test_macro_f1": pm([r["test"]["macro_f1"] for r in rs]),
+            "test_map": pm([r["test"]["map"] for r in rs]),
+            "val_acc": pm([r["val"]["acc"] for r in rs]),
+            "best_test_acc": pm([r["best_test_acc"] for r in rs]),
+            "unimodal": {m: pm([r["unimodal_test_acc"].get(m) for r in rs]) for m in modalities},
+            "probe": {m: pm([r.get("probe_test_acc", {}).get(m) for r in rs]) for m in modalities},
+            "epochs": rs[0]["epochs"],
+            "seconds": mean_std([r["seconds"] for r in rs])[0],
+            "diagnoses": [],
+        }
+        n_diag = min(len(r["diagnoses"]) for r in rs)
+        for i in range(n_diag):
+            ds = [r["diagnoses"][i] for r in rs]
+            row["diagnoses"].append({
+                "epoch": ds[0]["epoch"],
+                "applied": ds[0]["applied"],
+                "purity": {m: {s: pm([d["purity"][m][s] for d in ds], scale=1.0, digits=3)
+                               for s in ("train", "val")} for m in modalities},
+                "alpha": {m: pm([d["alpha"][m] for d in ds], scale=1.0, digits=3) for m in modalities},
+            })
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: List[dict]) -> str:
+    """Two tables: accuracy (mean ± std over seeds, in %), and purities/strengths per diagnosis."""
+    if not rows:
+        return "no finished runs\n"
+    modalities = list(rows[0]["unimodal"])
+    head = (["dataset", "method", "seeds", "test acc", "test macro-F1", "test mAP", "val acc"]
+            + [f"{m} acc (head)" for m in modalities] + [f"{m} acc (probe)" for m in modalities]
+            + ["best test acc (test-selected)", "epochs", "s / run"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = ([r["dataset"], r["method"], str(len(r["seeds"])), r["test_acc"], r["test_macro_f1"],
+                  r["test_map"], r["val_acc"]]
+                 + [r["unimodal"].get(m, "-") for m in modalities] + [r["probe"].get(m, "-") for m in modalities]
+                 + [r["best_test_acc"], str(r["epochs"]), f"{r['seconds']:.0f}"])
+        lines.append("| " + " | ".join(cells) + " |")
+    diag_rows = [(r, d) for r in rows for d in r["diagnoses"]]
+    if diag_rows:
+        lines += ["", "Diagnoses (purity of k-means clusters of each encoder's features; strength "
+                      "a = tanh(lambda |train - val|); mean ± std over seeds):", ""]
+        head = ["method", "after epoch", "applied"] + [f"{m} {k}" for m in modalities
+                                                       for k in ("purity train", "purity val", "strength")]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r, d in diag_rows:
+            cells = [r["method"], str(d["epoch"]), "yes" if d["applied"] else "no"]
+            for m in modalities:
+                cells += [d["purity"][m]["train"], d["purity"][m]["val"], d["alpha"][m]]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,213 @@
+"""The trainer end to end on a tiny built-in dataset: every method, three modalities, resume after
+SIGKILL, evaluation of a checkpoint, and clear errors for bad flags and paths."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CODE, TINY
+from dnr.methods import METHODS
+
+sys.path.insert(0, str(CODE))
+import main as trainer  # noqa: E402
+
+
+def run(args, tmp_path, name="run"):
+    out = tmp_path / name
+    rc = trainer.cli(TINY + ["--ckpt_path", str(out)] + args)
+    return rc, out
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_end_to_end_with_diagnosis(method, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # nothing may be written to the working directory
+    rc, out = run(["--method", method, "--epochs", "3", "--reinit_epoch", "1", "--reinit_num", "2",
+                   "--track_purity"], tmp_path)
+    assert rc == 0
+    assert list(cwd.iterdir()) == []
+    for name in ("args.json", "log.jsonl", "last.pth", "best.pth", "results.json"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").iterdir())
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == method and res["dataset"] == "builtin" and res["seed"] == 0
+    assert 0 <= res["best_epoch"] < 3
+    for split in ("val", "test"):
+        assert set(res[split]) == {"acc", "macro_f1", "map"}
+        assert all(0.0 <= v <= 1.0 for v in res[split].values())
+    assert res["best_test_acc"] >= res["test"]["acc"]
+    assert set(res["unimodal_test_acc"]) == {"audio", "visual"} and res["unimodal_source"] == "head"
+    assert set(res["probe_test_acc"]) == {"audio", "visual"}
+    assert res["seconds"] > 0
+    # diagnoses after 0-based epochs 1 and 2 (reinit_epoch 1, reinit_num 2)
+    assert [d["epoch"] for d in res["diagnoses"]] == [1, 2]
+    for d in res["diagnoses"]:
+        assert d["applied"] == (method == "relearn")
+        for m in ("audio", "visual"):
+            p = d["purity"][m]
+            assert 0.0 < p["train"] <= 1.0 and 0.0 < p["val"] <= 1.0
+            assert d["gap"][m] == pytest.approx(abs(p["train"] - p["val"]))
+            assert d["alpha"][m] == pytest.approx(torch.tanh(torch.tensor(3.0 * d["gap"][m])).item(), abs=1e-6)
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+    assert {"train", "val", "test", "seconds"} <= set(log[0])
+    assert "acc_audio" in log[0]["val"] and "map" in log[0]["test"]
+    assert "diagnosis" in log[1] and "diagnosis" not in log[0]
+    best = torch.load(out / "best.pth", weights_only=True)
+    assert best["epoch"] == res["best_epoch"]
+
+
+def test_three_modalities_and_lr_decay(tmp_path):
+    rc, out = run(["--builtin_modalities", "audio,visual,sensor", "--epochs", "3", "--reinit_epoch", "1",
+                   "--reinit_num", "1", "--lr_decay_step", "1", "--lr_decay_ratio", "0.5", "--no-probe"],
+                  tmp_path)
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["diagnoses"][0]["alpha"]) == {"audio", "visual", "sensor"}
+    assert set(res["unimodal_test_acc"]) == {"audio", "visual", "sensor"}
+    assert [r["train"]["lr"] for r in read_log(out)] == pytest.approx([0.002, 0.001, 0.0005])
+    assert res["probe_test_acc"] == {}
+
+
+@pytest.mark.parametrize("fusion", ["film", "gated"])
+def test_mixing_fusions_report_probe_accuracy(fusion, tmp_path):
+    rc, out = run(["--fusion", fusion, "--epochs", "1", "--reinit_epoch", "0"], tmp_path)
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["unimodal_source"] == "probe"
+    assert res["unimodal_test_acc"] == res["probe_test_acc"] and set(res["probe_test_acc"]) == {"audio", "visual"}
+
+
+def test_eval_only_reproduces_the_selected_epoch(tmp_path):
+    rc, out = run(["--epochs", "2", "--reinit_epoch", "1", "--no-probe"], tmp_path)
+    assert rc == 0
+    assert trainer.cli(TINY + ["--ckpt_path", str(out), "--eval_only"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["epoch"] == res["best_epoch"]
+    assert ev["test"]["acc"] == pytest.approx(res["test"]["acc"])
+    assert ev["val"]["macro_f1"] == pytest.approx(res["val"]["macro_f1"])
+
+
+def test_select_on_test_and_no_augmentation_switches(tmp_path):
+    rc, out = run(["--epochs", "2", "--reinit_epoch", "0", "--select_on", "test", "--no-train_augment",
+                   "--no-probe"], tmp_path)
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["select_on"] == "test"
+    assert res["test"]["acc"] == res["best_test_acc"]
+
+
+def _results_without_timing(path):
+    res = json.loads(path.read_text())
+    for key in ("seconds", "device", "versions"):
+        res.pop(key)
+    for d in res["diagnoses"]:
+        d.pop("seconds")
+    return res
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    common = [sys.executable, str(CODE / "main.py")] + TINY + [
+        "--builtin_train_size", "96", "--epochs", "5", "--reinit_epoch", "2", "--reinit_num", "2",
+        "--deterministic", "--device", "cpu"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    full = tmp_path / "full"
+    subprocess.run(common + ["--ckpt_path", str(full)], check=True, env=env, capture_output=True, cwd=tmp_path)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(common + ["--ckpt_path", str(cut)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+    killed_in = None
+    for line in proc.stdout:
+        # The "epoch 1" line is printed right after epoch 1's checkpoint: kill during epoch 2,
+        # the third epoch.
+        if line.startswith("epoch   1/"):
+            proc.send_signal(signal.SIGKILL)
+            killed_in = 2
+            break
+    proc.wait()
+    assert killed_in == 2 and proc.returncode == -signal.SIGKILL
+    assert not (cut / "results.json").exists()
+    assert torch.load(cut / "last.pth", weights_only=True)["epoch"] == 1
+
+    subprocess.run(common + ["--ckpt_path", str(cut), "--resume"], check=True, env=env,
+                   capture_output=True, cwd=tmp_path)
+    assert _results_without_timing(cut / "results.json") == _results_without_timing(full / "results.json")
+    assert [r["epoch"] for r in read_log(cut)] == [0, 1, 2, 3, 4]
+    assert [r["val"] for r in read_log(cut)] == [r["val"] for r in read_log(full)]
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize("argv, message", [
+    (["--fusion", "bogus"], "--fusion: invalid choice: 'bogus'"),
+    (["--method", "nope"], "--method: invalid choice: 'nope'"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--lr_decay_ratio", "2"], "--lr_decay_ratio must lie in (0, 1]"),
+    (["--data_path", "/no/such/folder"], "--data_path '/no/such/folder' is not a folder"),
+])
+def test_bad_flags_exit_with_a_message_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        trainer.cli(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume", "/no/such/run.pth"], "--resume: no checkpoint at /no/such/run.pth"),
+    (["--builtin_informativeness", "audio=2"], "--builtin_informativeness: audio=2.0 is outside [0, 1]"),
+    (["--builtin_noise", "smell=1"], "--builtin_noise: unknown modality 'smell'"),
+    (["--builtin_modalities", "audio,taste"], "--builtin_modalities"),
+])
+def test_bad_values_and_paths_give_clear_errors(argv, message, tmp_path, capsys):
+    rc, _ = run(argv + ["--epochs", "1"], tmp_path)
+    assert rc == 1
+    assert message in capsys.readouterr().err
+
+
+def test_existing_run_is_not_overwritten_and_corrupt_checkpoint_is_named(tmp_path, capsys):
+    rc, out = run(["--epochs", "1", "--reinit_epoch", "0", "--no-probe"], tmp_path)
+    assert rc == 0
+    before = (out / "results.json").read_text()
+    rc, _ = run(["--epochs", "1"], tmp_path)
+    assert rc == 1 and "already holds a run" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+    (out / "last.pth").write_bytes(b"not a checkpoint")
+    rc, _ = run(["--epochs", "2", "--resume"], tmp_path)
+    assert rc == 1 and f"cannot read checkpoint {out / 'last.pth'}" in capsys.readouterr().err
+
+
+def test_non_finite_loss_names_epoch_and_step():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dnr.engine import train_one_epoch
+    from dnr.methods import Method
+
+    class Exploding(Method):
+        def loss(self, out, labels, epoch):
+            return out.logits.sum() * float("nan"), {}
+
+    class Lin(torch.nn.Module):
+        def forward(self, inputs):
+            from dnr.models import ModelOutput
+            return ModelOutput(self.w(inputs["x"]), {"x": inputs["x"]})
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(3, 2)
+
+    data = [{"inputs": {"x": torch.randn(3)}, "label": 0, "index": i} for i in range(4)]
+    model = Lin()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(FloatingPointError, match="at epoch 7, step 0"):
+        train_one_epoch(model, Exploding(None, model, None), DataLoader(data, batch_size=2), opt, "cpu", 7,
+                        progress=False)
