@@ -28,7 +28,7 @@ from dnr.engine import evaluate, extract_features, train_one_epoch
 from dnr.logger import RunLogger, write_json
 from dnr.methods import METHODS, TrainContext, add_diagnosis_args, create_method, make_relearner
 from dnr.metrics import linear_probe_accuracy
-from dnr.models import FUSIONS, create_model
+from dnr.models import ENCODERS, FUSIONS, create_model, encoder_options
 from dnr.runtime import epoch_seed, pick_device, seed_everything, set_deterministic, worker_init
 
 SPLIT_METRICS = ("acc", "macro_f1", "map")
@@ -60,6 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoders", default="",
                    help="override the encoder per modality as NAME=ENCODER pairs, e.g. "
                         "'audio=resnet18'; by default each modality's kind picks one")
+    for name, entry in sorted(ENCODERS.items()):
+        if entry.add_args is not None:
+            entry.add_args(p.add_argument_group(f"encoder '{name}'"))
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--method", default="relearn", choices=sorted(METHODS),
@@ -263,7 +266,8 @@ def main(args: argparse.Namespace) -> dict:
 
     splits = build_datasets(args.dataset, args)
     info = splits.info
-    model_args = {"fusion": args.fusion, "encoders": parse_encoders(args.encoders)}
+    model_args = {"fusion": args.fusion, "encoders": parse_encoders(args.encoders),
+                  "encoder_options": encoder_options(args)}
     model = create_model(info, **model_args).to(device)
     method = create_method(args.method, args, model, info)  # D&R snapshots theta_init here
     tracker = (make_relearner(args, model, info, apply=False)

@@ -16,6 +16,6 @@ if [ -n "${DATA:-}" ]; then
     set -- --data_path "$DATA" "$@"  # kept out of SETTINGS so a path with spaces survives
 else
     DATASET=builtin
-    SETTINGS="--dataset builtin --batch_size 64 --epochs 24 --optimizer sgd --learning_rate 0.01
-              --lr_decay_step 0 --move_lambda 3 --reinit_epoch 4 --reinit_num 3"
+    SETTINGS="--dataset builtin --batch_size 64 --epochs 30 --optimizer sgd --learning_rate 0.01
+              --lr_decay_step 0 --move_lambda 3 --reinit_epoch 5 --reinit_num 3"
 fi

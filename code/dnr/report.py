@@ -43,11 +43,12 @@ def pm(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
-def group(runs: List[dict]) -> Dict[Tuple[str, str], List[dict]]:
-    groups: Dict[Tuple[str, str], List[dict]] = {}
+def group(runs: List[dict]) -> Dict[Tuple[str, str, str], List[dict]]:
+    """Runs that differ only in their seed: same dataset, method (+ fusion) and modalities."""
+    groups: Dict[Tuple[str, str, str], List[dict]] = {}
     for r in runs:
         label = r["method"] + ("" if r.get("fusion", "concat") == "concat" else f" ({r['fusion']})")
-        groups.setdefault((r["dataset"], label), []).append(r)
+        groups.setdefault((r["dataset"], label, "+".join(r["modalities"])), []).append(r)
     for rs in groups.values():
         rs.sort(key=lambda r: r["seed"])
     return groups
@@ -55,10 +56,16 @@ def group(runs: List[dict]) -> Dict[Tuple[str, str], List[dict]]:
 
 def summarize(runs: List[dict]) -> List[dict]:
     rows = []
-    for (dataset, method), rs in sorted(group(runs).items()):
+    groups = group(runs)
+    # Multimodal runs first, then runs on fewer modalities; by method within each.
+    for (dataset, method, mods), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -len(kv[1][0]["modalities"]), kv[0][1], kv[0][2])):
         modalities = rs[0]["modalities"]
+        seeds = [r["seed"] for r in rs]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"{dataset}/{method}/{mods}: several runs share a seed: "
+                             + ", ".join(r["_path"] for r in rs))
         row = {
-            "dataset": dataset, "method": method, "seeds": [r["seed"] for r in rs],
+            "dataset": dataset, "method": method, "modalities": modalities, "seeds": seeds,
             "test_acc": pm([r["test"]["acc"] for r in rs]),
             "test_macro_f1": pm([r["test"]["macro_f1"] for r in rs]),
             "test_map": pm([r["test"]["map"] for r in rs]),
@@ -88,13 +95,15 @@ def markdown(rows: List[dict]) -> str:
     """Two tables: accuracy (mean ± std over seeds, in %), and purities/strengths per diagnosis."""
     if not rows:
         return "no finished runs\n"
-    modalities = list(rows[0]["unimodal"])
-    head = (["dataset", "method", "seeds", "test acc", "test macro-F1", "test mAP", "val acc"]
+    modalities = []
+    for r in rows:
+        modalities += [m for m in r["modalities"] if m not in modalities]
+    head = (["dataset", "method", "modalities", "seeds", "test acc", "test macro-F1", "test mAP", "val acc"]
             + [f"{m} acc (head)" for m in modalities] + [f"{m} acc (probe)" for m in modalities]
             + ["best test acc (test-selected)", "epochs", "s / run"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = ([r["dataset"], r["method"], str(len(r["seeds"])), r["test_acc"], r["test_macro_f1"],
+        cells = ([r["dataset"], r["method"], "+".join(r["modalities"]), str(len(r["seeds"])), r["test_acc"], r["test_macro_f1"],
                   r["test_map"], r["val_acc"]]
                  + [r["unimodal"].get(m, "-") for m in modalities] + [r["probe"].get(m, "-") for m in modalities]
                  + [r["best_test_acc"], str(r["epochs"]), f"{r['seconds']:.0f}"])
@@ -103,12 +112,15 @@ def markdown(rows: List[dict]) -> str:
     if diag_rows:
         lines += ["", "Diagnoses (purity of k-means clusters of each encoder's features; strength "
                       "a = tanh(lambda |train - val|); mean ± std over seeds):", ""]
-        head = ["method", "after epoch", "applied"] + [f"{m} {k}" for m in modalities
+        head = ["method", "modalities", "after epoch", "applied"] + [f"{m} {k}" for m in modalities
                                                        for k in ("purity train", "purity val", "strength")]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r, d in diag_rows:
-            cells = [r["method"], str(d["epoch"]), "yes" if d["applied"] else "no"]
+            cells = [r["method"], "+".join(r["modalities"]), str(d["epoch"]), "yes" if d["applied"] else "no"]
             for m in modalities:
-                cells += [d["purity"][m]["train"], d["purity"][m]["val"], d["alpha"][m]]
+                if m in d["purity"]:
+                    cells += [d["purity"][m]["train"], d["purity"][m]["val"], d["alpha"][m]]
+                else:
+                    cells += ["-", "-", "-"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

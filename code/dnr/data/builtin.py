@@ -4,7 +4,7 @@ Ten classes, the digits 0-9.
   visual  a short clip of a handwritten digit (scikit-learn's bundled 8x8 digit images,
           upsampled, tinted, moving a little from frame to frame, with pixel noise), (T, 3, H, W);
   audio   the telephone-keypad (DTMF) dual tone of the digit, at a random time and loudness, with
-          background noise, as a log-magnitude spectrogram (1, 64, 64);
+          background noise, as a log-magnitude spectrogram (1, 32, 64);
   sensor  (optional third modality) a 32-d noisy vector around a random class prototype.
 
 The digit images are split by image between train/val/test, so validation and test show
@@ -50,9 +50,9 @@ DTMF = {
 }
 SAMPLE_RATE = 8000
 CLIP_SECONDS = 0.5
-N_FFT = 256
+N_FFT = 128
 HOP = 62  # 4000 samples -> 65 STFT frames, cropped to 64
-SPEC_BINS = 64  # 0-1969 Hz at 31.25 Hz per bin: every keypad tone is inside
+SPEC_BINS = 32  # 0-1937 Hz at 62.5 Hz per bin: every keypad tone is inside
 SPEC_FRAMES = 64
 SENSOR_DIM = 32
 
@@ -127,7 +127,7 @@ def _render_frames(digits: np.ndarray, n_frames: int, size: int, noise: float, r
 
 
 def _synth_audio(content: np.ndarray, noise: float, rng: np.random.Generator) -> Tensor:
-    """Class ids (N,) -> (N, 1, 64, 64) log-magnitude spectrograms of keypad tones."""
+    """Class ids (N,) -> (N, 1, 32, 64) log-magnitude spectrograms of keypad tones."""
     n = content.shape[0]
     length = int(SAMPLE_RATE * CLIP_SECONDS)
     t = np.arange(length) / SAMPLE_RATE
@@ -143,7 +143,7 @@ def _synth_audio(content: np.ndarray, noise: float, rng: np.random.Generator) ->
             waves[i] += amp * on * np.sin(2 * math.pi * f * t + rng.uniform(0, 2 * math.pi))
     waves += rng.normal(0.0, 0.6 * noise, size=waves.shape)
     spec = torch.stft(torch.from_numpy(waves).float(), n_fft=N_FFT, hop_length=HOP,
-                      window=torch.hann_window(N_FFT), return_complex=True).abs()  # (N, 129, 65)
+                      window=torch.hann_window(N_FFT), return_complex=True).abs()  # (N, 65, 65)
     spec = torch.log(spec[:, :SPEC_BINS, :SPEC_FRAMES] + 1e-3)
     return ((spec - spec.mean()) / spec.std())[:, None]
 

@@ -22,7 +22,8 @@ class MultimodalClassifier(nn.Module):
     """`encoders` is a ModuleDict keyed by modality: D&R and the comparison methods act on it."""
 
     def __init__(self, info: DatasetInfo, fusion: str = "concat",
-                 encoders: Optional[Mapping[str, str]] = None):
+                 encoders: Optional[Mapping[str, str]] = None,
+                 encoder_options: Optional[Mapping[str, dict]] = None):
         super().__init__()
         choice = dict(encoders or {})
         unknown = set(choice) - set(info.modality_names)
@@ -31,9 +32,11 @@ class MultimodalClassifier(nn.Module):
                              f"the dataset has {info.modality_names}")
         self.modalities = info.modality_names
         self.encoder_names = {s.name: choice.get(s.name) or default_encoder(s) for s in info.modalities}
-        self.encoders = nn.ModuleDict(
-            {s.name: create_encoder(self.encoder_names[s.name], s) for s in info.modalities}
-        )
+        opts = dict(encoder_options or {})
+        self.encoders = nn.ModuleDict({
+            s.name: create_encoder(self.encoder_names[s.name], s, **opts.get(self.encoder_names[s.name], {}))
+            for s in info.modalities
+        })
         dims = {m: self.encoders[m].out_dim for m in self.modalities}
         self.fusion_name = fusion
         self.fusion = create_fusion(fusion, dims, info.num_classes)
@@ -54,5 +57,6 @@ class MultimodalClassifier(nn.Module):
 
 
 def create_model(info: DatasetInfo, fusion: str = "concat",
-                 encoders: Optional[Mapping[str, str]] = None) -> MultimodalClassifier:
-    return MultimodalClassifier(info, fusion=fusion, encoders=encoders)
+                 encoders: Optional[Mapping[str, str]] = None,
+                 encoder_options: Optional[Mapping[str, dict]] = None) -> MultimodalClassifier:
+    return MultimodalClassifier(info, fusion=fusion, encoders=encoders, encoder_options=encoder_options)

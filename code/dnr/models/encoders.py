@@ -1,11 +1,15 @@
 """Per-modality encoders. Each maps one modality's batch to a pooled feature (B, out_dim).
 
-The registry maps a name to a builder taking the modality's `ModalitySpec`; `default_encoder`
-picks one from the modality's kind, so a new dataset needs no model code.
+The registry maps a name to a builder `build(spec, **options)` taking the modality's
+`ModalitySpec`; `default_encoder` picks one from the modality's kind, so a new dataset needs no
+model code. An encoder with its own flags registers `add_args(group)` and `options(args) -> dict`;
+the trainer stores those options with the checkpoint so the model can be rebuilt.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+import argparse
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -13,18 +17,30 @@ from torchvision.models import resnet18
 
 from ..data.base import ModalitySpec
 
-ENCODERS: Dict[str, Callable[[ModalitySpec], nn.Module]] = {}
+@dataclass
+class EncoderEntry:
+    build: Callable[..., nn.Module]
+    add_args: Optional[Callable[[argparse._ArgumentGroup], None]] = None
+    options: Optional[Callable[[argparse.Namespace], dict]] = None
+
+
+ENCODERS: Dict[str, EncoderEntry] = {}
 DEFAULT_FOR_KIND = {"spectrogram": "resnet18", "frames": "resnet18", "vector": "mlp"}
 
 
-def register_encoder(name: str):
+def register_encoder(name: str, add_args=None, options=None):
     def wrap(fn):
         if name in ENCODERS:
             raise ValueError(f"encoder {name!r} registered twice")
-        ENCODERS[name] = fn
+        ENCODERS[name] = EncoderEntry(fn, add_args, options)
         return fn
 
     return wrap
+
+
+def encoder_options(args: argparse.Namespace) -> Dict[str, dict]:
+    """{encoder name: its options read from the parsed flags}, for encoders that have flags."""
+    return {name: e.options(args) for name, e in sorted(ENCODERS.items()) if e.options is not None}
 
 
 class ResNet18Encoder(nn.Module):
@@ -98,10 +114,10 @@ def default_encoder(spec: ModalitySpec) -> str:
     return DEFAULT_FOR_KIND[spec.kind]
 
 
-def create_encoder(name: str, spec: ModalitySpec) -> nn.Module:
+def create_encoder(name: str, spec: ModalitySpec, **options) -> nn.Module:
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r} for modality {spec.name!r}; choose one of {sorted(ENCODERS)}")
-    enc = ENCODERS[name](spec)
+    enc = ENCODERS[name].build(spec, **options)
     if not isinstance(getattr(enc, "out_dim", None), int):
         raise TypeError(f"encoder {name!r} must expose an integer out_dim")
     return enc

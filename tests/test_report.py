@@ -1,0 +1,69 @@
+"""Seed summaries and the README's promises about itself."""
+import json
+import re
+import subprocess
+
+import pytest
+
+from dnr.report import find_results, markdown, mean_std, pm, summarize
+
+
+def fake_run(folder, method, seed, acc, modalities=("audio", "visual")):
+    folder.mkdir(parents=True)
+    res = {
+        "method": method, "dataset": "builtin", "seed": seed, "fusion": "concat",
+        "modalities": list(modalities), "epochs": 3, "seconds": 10.0 + seed,
+        "val": {"acc": acc, "macro_f1": acc, "map": acc},
+        "test": {"acc": acc, "macro_f1": acc - 0.1, "map": acc},
+        "best_test_acc": acc + 0.05,
+        "unimodal_test_acc": {m: 0.5 for m in modalities}, "probe_test_acc": {},
+        "diagnoses": [{"epoch": 1, "applied": True, "purity": {m: {"train": 0.9, "val": 0.6} for m in modalities},
+                       "gap": {m: 0.3 for m in modalities}, "alpha": {m: 0.7 for m in modalities}}],
+    }
+    (folder / "results.json").write_text(json.dumps(res))
+
+
+def test_mean_std_is_the_sample_std():
+    assert mean_std([0.7, 0.8, 0.9]) == (pytest.approx(0.8), pytest.approx(0.1))
+    assert pm([0.7, 0.8, 0.9]) == "80.00 ± 10.00"
+    assert pm([]) == "-"
+
+
+def test_summary_groups_seeds_and_keeps_unimodal_runs_apart(tmp_path):
+    for s, acc in enumerate([0.7, 0.8, 0.9]):
+        fake_run(tmp_path / f"dr{s}", "relearn", s, acc)
+    fake_run(tmp_path / "vis0", "baseline", 0, 0.95, modalities=("visual",))
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "last.pth").write_bytes(b"")
+    runs, unfinished = find_results([tmp_path])
+    assert len(runs) == 4 and unfinished == [tmp_path / "unfinished"]
+    rows = summarize(runs)
+    assert [(r["method"], r["modalities"], r["seeds"]) for r in rows] == [
+        ("relearn", ["audio", "visual"], [0, 1, 2]), ("baseline", ["visual"], [0])]
+    assert rows[0]["test_acc"] == "80.00 ± 10.00"
+    assert rows[0]["diagnoses"][0]["purity"]["audio"]["train"] == "0.900 ± 0.000"
+    text = markdown(rows)
+    assert "| builtin | relearn | audio+visual | 3 | 80.00 ± 10.00 |" in text
+    assert "| relearn | audio+visual | 1 | yes | 0.900 ± 0.000 | 0.600 ± 0.000 | 0.700 ± 0.000 |" in text
+
+
+def test_summary_refuses_two_runs_with_one_seed(tmp_path):
+    fake_run(tmp_path / "a", "relearn", 0, 0.7)
+    fake_run(tmp_path / "b", "relearn", 0, 0.8)
+    with pytest.raises(ValueError, match="share a seed"):
+        summarize(find_results([tmp_path])[0])
+
+
+def test_readme_has_exactly_two_quick_start_commands_and_ci_runs_the_second(root):
+    readme = (root / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", quick, flags=re.S)
+    assert len(blocks) == 2 and all(b.count("\n") == 1 for b in blocks)
+    assert "script/ours.sh" in blocks[0] and "requirements.txt" in blocks[0]
+    assert "pytest" in blocks[1] and "<!-- test-command -->" in quick
+    awk = re.search(r"cmd=\$\(awk '(.*?)' README.md\)", (root / ".ci" / "run").read_text()).group(1)
+    extracted = subprocess.run(["awk", awk, "README.md"], cwd=root, capture_output=True, text=True).stdout
+    assert extracted.strip() == blocks[1].strip()
+    for path in ("script/ours.sh", "script/baseline.sh", "requirements.txt", "requirements-dev.txt",
+                 "method.png", "LICENSE"):
+        assert (root / path).is_file(), path
