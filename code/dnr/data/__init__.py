@@ -15,6 +15,10 @@ from .base import (
     segment_indices,
 )
 from . import builtin  # noqa: F401  (registers "builtin")
+from . import cremad  # noqa: F401  (registers "cremad")
+from . import kinetics_sounds  # noqa: F401  (registers "kinetics_sounds")
+from . import ucf101  # noqa: F401  (registers "ucf101")
+from . import mosi  # noqa: F401  (registers "mosi")
 
 __all__ = [
     "DATASETS",

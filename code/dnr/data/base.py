@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -53,6 +53,14 @@ class DatasetInfo:
     def modality_names(self) -> List[str]:
         return [m.name for m in self.modalities]
 
+    def restrict(self, names: Sequence[str]) -> "DatasetInfo":
+        """The same dataset seen through a subset of its modalities (e.g. a uni-modal baseline)."""
+        unknown = [n for n in names if n not in self.modality_names]
+        if unknown or not names:
+            raise ValueError(f"dataset {self.name!r} has modalities {self.modality_names}; "
+                             f"cannot restrict to {list(names)}")
+        return DatasetInfo(self.name, self.classes, tuple(m for m in self.modalities if m.name in names))
+
     def spec(self, name: str) -> ModalitySpec:
         for m in self.modalities:
             if m.name == name:
@@ -70,20 +78,30 @@ class DatasetInfo:
 
 
 class MultimodalDataset(Dataset):
-    """Base class of every split. Subclasses set `info`, `split`, `labels` and `load(i)`."""
+    """Base class of every split. Subclasses set `info`, `split`, `labels` and `load(i)`.
+
+    `active`, when set, limits the items to those modalities; `load` may consult `wants(m)` to
+    skip reading the others."""
 
     info: DatasetInfo
     split: str
     labels: Tensor  # (N,) long, so diagnosis and stratification never iterate the data
+    active: Optional[Tuple[str, ...]] = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def wants(self, modality: str) -> bool:
+        return self.active is None or modality in self.active
 
     def load(self, index: int) -> Dict[str, Tensor]:
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict:
-        return {"inputs": self.load(index), "label": int(self.labels[index]), "index": index}
+        inputs = self.load(index)
+        if self.active is not None:
+            inputs = {m: inputs[m] for m in self.active}
+        return {"inputs": inputs, "label": int(self.labels[index]), "index": index}
 
 
 @dataclass
@@ -99,6 +117,13 @@ class DataSplits:
 
     def items(self):
         return [("train", self.train), ("val", self.val), ("test", self.test)]
+
+    def restrict(self, names: Sequence[str]) -> "DataSplits":
+        """Only these modalities from now on (in the info and in every split's items)."""
+        info = self.info.restrict(names)
+        for ds in (self.train, self.train_eval, self.val, self.test):
+            ds.active = tuple(info.modality_names)
+        return DataSplits(info, self.train, self.train_eval, self.val, self.test)
 
 
 def check_sample(sample: dict, info: DatasetInfo, where: str) -> None:

@@ -68,7 +68,7 @@ DEFAULTS = dict(
 def add_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--builtin_modalities", default="audio,visual",
                        help="built-in dataset: comma-separated modalities out of "
-                            f"{','.join(AVAILABLE)} (default: audio,visual)")
+                            f"{','.join(AVAILABLE)} (default: %(default)s)")
     group.add_argument("--builtin_train_size", type=int, default=DEFAULTS["train_size"],
                        help="built-in dataset: training samples (default: %(default)s)")
     group.add_argument("--builtin_val_size", type=int, default=DEFAULTS["val_size"],
@@ -163,11 +163,15 @@ class BuiltinAV(MultimodalDataset):
         self.train, self.n_frames = train, n_frames
 
     def view(self, train: bool) -> "BuiltinAV":
-        return BuiltinAV(self.info, self.split, self.data, self.labels, train, self.n_frames)
+        other = BuiltinAV(self.info, self.split, self.data, self.labels, train, self.n_frames)
+        other.active = self.active
+        return other
 
     def load(self, index: int) -> Dict[str, Tensor]:
         out = {}
         for name, tensor in self.data.items():
+            if not self.wants(name):
+                continue
             x = tensor[index]
             if name == "visual":
                 x = x[segment_indices(x.shape[0], self.n_frames, self.train)]  # (T, 3, H, W)

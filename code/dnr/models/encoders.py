@@ -25,7 +25,8 @@ class EncoderEntry:
 
 
 ENCODERS: Dict[str, EncoderEntry] = {}
-DEFAULT_FOR_KIND = {"spectrogram": "resnet18", "frames": "resnet18", "vector": "mlp"}
+DEFAULT_FOR_KIND = {"spectrogram": "resnet18", "frames": "resnet18", "vector": "mlp",
+                    "sequence": "transformer"}  # transformer, mean_mlp: models/sequence.py
 
 
 def register_encoder(name: str, add_args=None, options=None):
@@ -53,6 +54,7 @@ class ResNet18Encoder(nn.Module):
     """
 
     out_dim = 512
+    memory_format = torch.contiguous_format  # the trainer sets channels_last with --channels_last
 
     def __init__(self, in_channels: int, frames: bool):
         super().__init__()
@@ -66,9 +68,10 @@ class ResNet18Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.frames:
-            return self.net(x)  # (B, C, F, T) -> (B, 512)
+            return self.net(x.contiguous(memory_format=self.memory_format))  # (B, C, F, T) -> (B, 512)
         b, t = x.shape[:2]
-        feats = self.net(x.flatten(0, 1))  # (B, T, C, H, W) -> (B*T, C, H, W) -> (B*T, 512)
+        x = x.flatten(0, 1).contiguous(memory_format=self.memory_format)  # (B, T, C, H, W) -> (B*T, C, H, W)
+        feats = self.net(x)  # (B*T, C, H, W) -> (B*T, 512)
         return feats.view(b, t, -1).mean(1)  # (B*T, 512) -> (B, T, 512) -> (B, 512)
 
 
@@ -86,13 +89,14 @@ def _resnet18(spec: ModalitySpec) -> nn.Module:
 
 
 class MLPEncoder(nn.Module):
-    """Two-layer perceptron for a fixed-length vector (B, D) -> (B, hidden)."""
+    """Two-layer perceptron for a fixed-length vector (B, D) -> (B, hidden). LayerNorm rather
+    than BatchNorm: a sample's feature does not depend on the rest of its batch."""
 
     def __init__(self, in_dim: int, hidden: int = 256):
         super().__init__()
         self.out_dim = hidden
         self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
         )
 

@@ -1,0 +1,213 @@
+"""The loader of every prepared dataset (CREMA-D, Kinetics-Sounds, UCF-101): it reads exactly
+what `prepare.py` writes (layout in manifest.py) and checks it all on start-up.
+
+A dataset module says which inputs it wants (`AudioInput`, `FramesInput`) and calls
+`build_prepared`; classes, the audio shape and the clip list come from the manifest.
+Frames are sampled by segment (SPEC section 2): a random frame in each of n equal segments of the
+clip's stored frames in training, the middle one in evaluation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .base import DataSplits, DatasetInfo, ModalitySpec, MultimodalDataset, segment_indices
+from .manifest import (FLOW_DIR, FRAMES_DIR, MANIFEST, SPLITS_DIR, audio_dir, flow_names, frame_name,
+                       read_manifest, split_path)
+from .splits import SPLITS, read_split_csv
+from .transforms import flow_to_tensor, rgb_transform
+
+
+@dataclass(frozen=True)
+class AudioInput:
+    name: str    # modality name, e.g. "audio"
+    recipe: str  # "fbank" or "stft": the folder audio_<recipe>/
+
+
+@dataclass(frozen=True)
+class FramesInput:
+    name: str      # modality name, e.g. "visual", "rgb", "flow"
+    kind: str      # "rgb" or "flow"
+    frames: int    # frames per sample (segments)
+    size: int      # output height and width in pixels
+    channels: int = 3  # rgb: 3; flow: 2 ([u, v]) or 3 ([u, v, u])
+
+
+Input = Union[AudioInput, FramesInput]
+
+
+def choose_recipe(manifest: dict, requested: str, flag: str, root: Path) -> str:
+    """'auto' takes the only recipe prepared, else 'fbank' (the D&R authors' features)."""
+    available = sorted(manifest["audio"])
+    if not available:
+        raise ValueError(f"{Path(root) / MANIFEST}: no audio features were prepared")
+    if requested == "auto":
+        return available[0] if len(available) == 1 else "fbank"
+    if requested not in available:
+        raise ValueError(f"{flag} {requested}: {root} holds audio features {available} only; pass one "
+                         f"of them, or prepare the folder again with --audio {requested}")
+    return requested
+
+
+class PreparedClips(MultimodalDataset):
+    """One split of a prepared dataset. `train=True`: random frame per segment and the training
+    augmentation; otherwise the middle frame per segment and the deterministic resize."""
+
+    def __init__(self, info: DatasetInfo, split: str, root: Path, clips: List[str], labels: Tensor,
+                 stored_frames: List[int], inputs: Dict[str, Input], train: bool):
+        self.info, self.split, self.root = info, split, Path(root)
+        self.clips, self.labels, self.stored_frames = clips, labels, stored_frames
+        self.inputs, self.train = inputs, train
+        self.shapes = {m.name: tuple(m.shape) for m in info.modalities}
+        self._rgb = {n: rgb_transform(i.size, train) for n, i in inputs.items()
+                     if isinstance(i, FramesInput) and i.kind == "rgb"}
+
+    def view(self, train: bool) -> "PreparedClips":
+        other = PreparedClips(self.info, self.split, self.root, self.clips, self.labels, self.stored_frames,
+                              self.inputs, train)
+        other.active = self.active
+        return other
+
+    def _audio(self, inp: AudioInput, clip: str) -> Tensor:
+        path = self.root / audio_dir(inp.recipe) / f"{clip}.npy"
+        x = np.load(path, allow_pickle=False)
+        if tuple(x.shape) != self.shapes[inp.name] or x.dtype != np.float32:
+            raise ValueError(f"{path}: shape {tuple(x.shape)} {x.dtype}, expected "
+                             f"{self.shapes[inp.name]} float32 (manifest)")
+        return torch.from_numpy(x)
+
+    def _frames(self, inp: FramesInput, clip: str, stored: int) -> Tensor:
+        picks = segment_indices(stored, inp.frames, self.train)
+        out = []
+        for k in picks:
+            if inp.kind == "rgb":
+                with Image.open(self.root / FRAMES_DIR / clip / frame_name(k)) as im:
+                    out.append(self._rgb[inp.name](im.convert("RGB")))
+            else:
+                u_name, v_name = flow_names(k)
+                with Image.open(self.root / FLOW_DIR / clip / u_name) as u, \
+                        Image.open(self.root / FLOW_DIR / clip / v_name) as v:
+                    out.append(flow_to_tensor(u.convert("L"), v.convert("L"), inp.size, self.train, inp.channels))
+        return torch.stack(out)  # (T, C, S, S)
+
+    def load(self, index: int) -> Dict[str, Tensor]:
+        clip = self.clips[index]
+        out = {}
+        for name, inp in self.inputs.items():
+            if not self.wants(name):
+                continue
+            if isinstance(inp, AudioInput):
+                out[name] = self._audio(inp, clip)
+            else:
+                out[name] = self._frames(inp, clip, self.stored_frames[index])
+        return out
+
+
+def _spec(inp: Input, manifest: dict, root: Path) -> ModalitySpec:
+    if isinstance(inp, AudioInput):
+        return ModalitySpec(inp.name, "spectrogram", tuple(int(s) for s in manifest["audio"][inp.recipe]["shape"]))
+    if inp.kind == "flow" and not manifest.get("flow"):
+        raise ValueError(f"{Path(root) / MANIFEST}: no optical flow was prepared in this folder")
+    return ModalitySpec(inp.name, "frames", (inp.frames, inp.channels, inp.size, inp.size))
+
+
+def _missing_files(root: Path, clip: str, entry: dict, inputs: Sequence[Input]) -> List[str]:
+    missing = []
+    n = entry["frames"]
+    for inp in inputs:
+        if isinstance(inp, AudioInput):
+            rel = f"{audio_dir(inp.recipe)}/{clip}.npy"
+            if not (root / rel).is_file():
+                missing.append(rel)
+            continue
+        folder = FRAMES_DIR if inp.kind == "rgb" else FLOW_DIR
+        names = [frame_name(k) for k in range(n)] if inp.kind == "rgb" else \
+            [name for k in range(n) for name in flow_names(k)]
+        try:
+            present = set(p.name for p in (root / folder / clip).iterdir())
+        except FileNotFoundError:
+            present = set()
+        missing.extend(f"{folder}/{clip}/{name}" for name in names if name not in present)
+    return missing
+
+
+def open_prepared(dataset: str, data_path: Optional[str]) -> dict:
+    """The checked manifest of the folder given with --data_path."""
+    if not data_path:
+        raise ValueError(f"--dataset {dataset} needs --data_path: the folder written by "
+                         f"'python script/prepare.py {dataset} --root RAW --out FOLDER'")
+    return read_manifest(Path(data_path), dataset)
+
+
+def check_positive(value: int, flag: str, minimum: int = 1) -> None:
+    if value < minimum:
+        raise ValueError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def build_prepared(dataset: str, data_path: str, scheme: str, inputs: Sequence[Input],
+                   manifest: dict) -> DataSplits:
+    """Check the prepared folder against its manifest and the requested inputs, then build the
+    four splits. Every problem raises naming the file and what was expected."""
+    root = Path(data_path)
+    m = manifest
+    classes = tuple(m["classes"])
+    index = {c: i for i, c in enumerate(classes)}
+    info = DatasetInfo(dataset, classes, tuple(_spec(i, m, root) for i in inputs))
+
+    scheme_dir = root / SPLITS_DIR / scheme
+    if not scheme_dir.is_dir():
+        have = sorted(p.name for p in (root / SPLITS_DIR).iterdir()) if (root / SPLITS_DIR).is_dir() else []
+        raise FileNotFoundError(f"{scheme_dir} does not exist; {root / SPLITS_DIR} has the split "
+                                f"schemes {have}")
+    rows: Dict[str, List[str]] = {}
+    seen: Dict[str, str] = {}
+    for split in SPLITS:
+        path = split_path(root, scheme, split)
+        ids = []
+        for n, (clip, label) in enumerate(read_split_csv(path), 2):
+            entry = m["clips"].get(clip)
+            if entry is None:
+                raise ValueError(f"{path}:{n}: clip {clip!r} is not in {root / MANIFEST} (not prepared, or "
+                                 f"its preparation failed)")
+            if label != entry["label"]:
+                raise ValueError(f"{path}:{n}: clip {clip!r} has label {label!r}, the manifest says "
+                                 f"{entry['label']!r}")
+            if clip in seen:
+                raise ValueError(f"{path}:{n}: clip {clip!r} is already in the {seen[clip]} split")
+            seen[clip] = split
+            ids.append(clip)
+        if not ids:
+            raise ValueError(f"{path} lists no clips")
+        rows[split] = ids
+
+    missing: List[str] = []
+    for clip in seen:
+        missing.extend(_missing_files(root, clip, m["clips"][clip], inputs))
+    if missing:
+        raise FileNotFoundError(f"{root}: {len(missing)} file(s) that the manifest promises are missing, "
+                                f"e.g. {', '.join(missing[:3])}; rerun script/prepare.py {dataset} with "
+                                f"the same --out to complete the folder")
+    for inp in inputs:  # the stored feature shape against the manifest, once per split
+        if isinstance(inp, AudioInput):
+            want = tuple(info.spec(inp.name).shape)
+            for split, ids in rows.items():
+                path = root / audio_dir(inp.recipe) / f"{ids[0]}.npy"
+                got = np.load(path, mmap_mode="r", allow_pickle=False)
+                if tuple(got.shape) != want or got.dtype != np.float32:
+                    raise ValueError(f"{path}: shape {tuple(got.shape)} {got.dtype}, the manifest says "
+                                     f"{want} float32")
+
+    named = {i.name: i for i in inputs}
+    made = {}
+    for split, ids in rows.items():
+        labels = torch.tensor([index[m["clips"][c]["label"]] for c in ids], dtype=torch.long)
+        stored = [int(m["clips"][c]["frames"]) for c in ids]
+        made[split] = PreparedClips(info, split, root, ids, labels, stored, named, train=False)
+    return DataSplits(info=info, train=made["train"].view(train=True), train_eval=made["train"],
+                      val=made["val"], test=made["test"])

@@ -1,0 +1,520 @@
+"""The preparation tool: from a dataset as its publishers distribute it to the folder its loader
+reads (layout in manifest.py). One sub-command per dataset:
+
+    python script/prepare.py cremad          --root CREMA-D  --out data/cremad
+    python script/prepare.py kinetics_sounds --root VIDEOS   --out data/kinetics_sounds --train_list .. --test_list ..
+    python script/prepare.py ucf101          --root UCF-101  --splits_dir ucfTrainTestlist --out data/ucf101
+
+What it does: list the raw clips (the dataset module's `collect`), skip the clips whose outputs
+all exist, prepare the others in parallel (decode, features, frames, flow), each clip written to a
+temporary folder under <out>/.tmp and moved into place only when all of it succeeded, so an
+interrupted or failed clip never leaves a half-written output; then write the split files and
+the manifest (only when their content changed: a second run changes nothing) and print a summary
+(written, skipped, failed with the reason, listed but missing). Exit status: 0 when every clip is
+prepared, 1 when some failed (they are left out of the splits), 2 on a usage error.
+
+Decoding libraries: PyAV (FFmpeg's libraries, bundled in its wheels) for every video container and
+container these datasets come in (FLV, MP4, WebM, MKV, AVI) with exact timestamps; soundfile
+(libsndfile) for WAV; OpenCV for optical flow and resizing; Pillow for JPEG.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import sys
+from collections import Counter, deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+try:
+    import fcntl  # POSIX: keeps two runs from writing into one folder
+except ImportError:  # pragma: no cover  (Windows: no lock)
+    fcntl = None
+
+from . import audio as audio_lib
+from . import video as video_lib
+from .manifest import (FLOW_DIR, FORMAT, FRAMES_DIR, MANIFEST, audio_dir, check_clip_id, flow_names,
+                       frame_name, manifest_text, split_path, write_text_if_changed)
+from .splits import SPLITS, split_csv_text
+
+TMP_DIR = ".tmp"
+LOCK = ".prepare.lock"
+FRAME_FILE = re.compile(r"^frame_\d{4}\.jpg$")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a dataset module hands to the tool
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RawClip:
+    id: str
+    label: str
+    video: Path                    # absolute path of the video file
+    audio: Optional[Path] = None   # a WAV file; None: the video's own audio track
+    source: Dict[str, str] = field(default_factory=dict)  # paths relative to --root, for the manifest
+    meta: Dict[str, str] = field(default_factory=dict)    # e.g. actor, group (kept in the manifest)
+
+
+@dataclass
+class Collected:
+    classes: List[str]
+    clips: List[RawClip]                       # clips whose raw files are all present
+    splits: Dict[str, Dict[str, List[str]]]    # scheme -> split -> clip ids (of `clips`)
+    split_notes: Dict[str, str]                # scheme -> how its splits were made
+    missing: Dict[str, str] = field(default_factory=dict)  # listed clips without their files
+    notes: List[str] = field(default_factory=list)         # anything else the user should read
+
+
+@dataclass
+class Preparer:
+    name: str
+    description: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    collect: Callable[[argparse.Namespace], Collected]
+    audio: bool            # has an audio modality (--audio, --fbank_frames)
+    flow: bool             # optical flow is prepared (--flow, --flow_bound)
+    short_side: int        # default of --short_side
+    default_audio: str = "fbank"
+
+
+PREPARERS: Dict[str, Preparer] = {}
+
+
+def register_preparer(prep: Preparer) -> Preparer:
+    if prep.name in PREPARERS:
+        raise ValueError(f"preparer {prep.name!r} registered twice")
+    PREPARERS[prep.name] = prep
+    return prep
+
+
+# ---------------------------------------------------------------------------------------------
+# One clip (runs in a worker process)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    clip: str
+    out: str
+    video: str
+    audio: Optional[str]
+    video_rel: str
+    audio_rel: str
+    frames: bool
+    flow: Optional[str]            # flow method, when the flow is to be written
+    recipes: Tuple[str, ...]       # audio recipes to write
+    fps: float
+    short_side: int
+    jpeg_quality: int
+    flow_bound: float
+    fbank_frames: int
+    root: str
+
+
+def _save_jpeg(array: np.ndarray, path: Path, quality: int) -> None:
+    from PIL import Image
+
+    Image.fromarray(array).save(path, format="JPEG", quality=quality)
+
+
+def _reason(err: BaseException, where: str, root: str) -> str:
+    text = f"{type(err).__name__}: {err}".replace(root.rstrip(os.sep) + os.sep, "")
+    return f"{where}: {text}"
+
+
+def prepare_clip(t: Task) -> Tuple[str, Optional[str]]:
+    """Prepare what `t` asks for -> (clip, None) or (clip, why it failed). Never raises, and
+    moves nothing into place unless everything for the clip succeeded."""
+    out = Path(t.out)
+    tmp = out / TMP_DIR / f"{t.clip}.{os.getpid()}"
+    try:
+        features = {}
+        if t.recipes:
+            try:
+                if t.audio is not None:
+                    wave, rate = audio_lib.read_wav(Path(t.audio))
+                else:
+                    wave, rate = audio_lib.read_video_audio(Path(t.video))
+                for r in t.recipes:
+                    features[r] = audio_lib.compute_features(r, wave, rate, t.fbank_frames)
+            except Exception as err:  # noqa: BLE001  (any decoder error is this clip's failure)
+                return t.clip, _reason(err, t.audio_rel, t.root)
+        sampled = None
+        if t.frames or t.flow:
+            try:
+                sampled = video_lib.sample_video(Path(t.video), t.fps, t.short_side, t.flow)
+            except Exception as err:  # noqa: BLE001
+                return t.clip, _reason(err, t.video_rel, t.root)
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            if t.frames:
+                (tmp / FRAMES_DIR).mkdir()
+                for k, picture in enumerate(sampled.frames):
+                    _save_jpeg(picture, tmp / FRAMES_DIR / frame_name(k), t.jpeg_quality)
+            if t.flow:
+                (tmp / FLOW_DIR).mkdir()
+                for k, f in enumerate(sampled.flows):
+                    u_name, v_name = flow_names(k)
+                    _save_jpeg(video_lib.quantise_flow(f[..., 0], t.flow_bound), tmp / FLOW_DIR / u_name, t.jpeg_quality)
+                    _save_jpeg(video_lib.quantise_flow(f[..., 1], t.flow_bound), tmp / FLOW_DIR / v_name, t.jpeg_quality)
+            for r, x in features.items():
+                np.save(tmp / f"{audio_dir(r)}.npy", x)
+            # Commit: each output appears whole, in one rename.
+            for folder, wanted in ((FRAMES_DIR, t.frames), (FLOW_DIR, bool(t.flow))):
+                if wanted:
+                    (out / folder).mkdir(exist_ok=True)
+                    os.rename(tmp / folder, out / folder / t.clip)
+            for r in features:
+                (out / audio_dir(r)).mkdir(exist_ok=True)
+                os.replace(tmp / f"{audio_dir(r)}.npy", out / audio_dir(r) / f"{t.clip}.npy")
+        except Exception as err:  # noqa: BLE001
+            return t.clip, _reason(err, f"writing {t.clip}", t.root)
+        return t.clip, None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one clip per process: no thread oversubscription
+
+
+def _progress_bar(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="clip", desc=desc, file=sys.stderr)
+
+
+def run_tasks(tasks: Sequence[Task], workers: int, progress: bool, desc: str,
+              work: Callable = prepare_clip) -> Dict[str, Optional[str]]:
+    """Run `work` on every task (in `workers` processes when > 1) -> {clip: None or failure reason}.
+
+    A decoder that crashes its process (not only raises) breaks the pool: the clips that were in
+    flight are then retried one at a time in a one-process pool, so the culprit is reported as
+    failed and the others are prepared."""
+    results: Dict[str, Optional[str]] = {}
+    bar = _progress_bar(len(tasks), progress, desc)
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            for t in tasks:
+                clip, reason = work(t)
+                results[clip] = reason
+                bar.update()
+            return results
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch/FFmpeg state
+        queue = deque(tasks)
+        while queue:
+            suspects = deque(_pool_pass(queue, workers, ctx, results, bar, work))
+            while suspects:
+                with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker) as ex:
+                    while suspects:
+                        t = suspects.popleft()
+                        try:
+                            clip, reason = ex.submit(work, t).result()
+                        except BrokenProcessPool:
+                            results[t.clip] = f"{t.video_rel}: the process preparing it died (a crash in a decoder?)"
+                            bar.update()
+                            break  # this pool is gone; the next suspects get a fresh one
+                        results[clip] = reason
+                        bar.update()
+        return results
+    finally:
+        bar.close()
+
+
+def _pool_pass(queue: deque, workers: int, ctx, results: dict, bar, work: Callable) -> List[Task]:
+    """Run tasks from the queue until it is empty -> [] or, if a process died, the tasks in flight."""
+    inflight = {}
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as ex:
+        try:
+            while queue or inflight:
+                # At most 2 tasks per worker in flight: few suspects if a process dies.
+                while queue and len(inflight) < 2 * workers:
+                    t = queue.popleft()
+                    inflight[ex.submit(work, t)] = t
+                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for f in done:
+                    clip, reason = f.result()
+                    del inflight[f]
+                    results[clip] = reason
+                    bar.update()
+        except BrokenProcessPool:
+            return list(inflight.values())
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def library_versions() -> dict:
+    from .. import __version__
+
+    return {"dnr": __version__, "python": platform.python_version(), **audio_lib.versions(),
+            **video_lib.versions()}
+
+
+def _parameters(prep: Preparer, args) -> dict:
+    params = {"frames": video_lib.frames_params(args.fps, args.short_side, args.jpeg_quality)}
+    if prep.flow:
+        params["flow"] = video_lib.flow_params(args.flow, args.flow_bound)
+    recipes = []
+    if prep.audio:
+        recipes = [r.strip() for r in args.audio.split(",") if r.strip()]
+        bad = [r for r in recipes if r not in audio_lib.RECIPES]
+        if bad or not recipes:
+            raise UsageError(f"--audio {args.audio!r}: use one or more of {','.join(audio_lib.RECIPES)}, "
+                             f"comma-separated")
+    params["audio"] = {r: audio_lib.recipe_params(r, args.fbank_frames) for r in recipes}
+    return params
+
+
+class UsageError(ValueError):
+    """A flag or the raw data does not fit: exit status 2, nothing written."""
+
+
+def _merge_with_existing(old: Optional[dict], prep: Preparer, params: dict, classes: List[str], out: Path) -> dict:
+    """Parameters of this run against those the folder was prepared with: frames and flow must
+    agree; an audio recipe may be added, an existing one must agree."""
+    if old is None:
+        return params
+    where = out / MANIFEST
+    if old.get("format") != FORMAT or old.get("dataset") != prep.name:
+        raise UsageError(f"{where} belongs to dataset {old.get('dataset')!r} (format {old.get('format')}); "
+                         f"choose another --out for {prep.name}")
+    if old.get("classes") != classes:
+        raise UsageError(f"{where} lists the classes {old.get('classes')}, the raw data gives {classes}; "
+                         f"choose another --out")
+    for key in ("frames", "flow"):
+        if old.get(key) != params.get(key):
+            raise UsageError(f"{where} was prepared with {key} settings {old.get(key)}, this run asks "
+                             f"{params.get(key)}; rerun with the same flags or choose another --out")
+    merged = dict(params)
+    merged["audio"] = dict(old.get("audio", {}))
+    for recipe, p in params["audio"].items():
+        if recipe in merged["audio"] and merged["audio"][recipe] != p:
+            raise UsageError(f"{where} holds {recipe} features made with {merged['audio'][recipe]}, this "
+                             f"run asks {p}; rerun with the same flags or choose another --out")
+        merged["audio"][recipe] = p
+    return merged
+
+
+def _needs(clip: RawClip, out: Path, params: dict) -> Tuple[bool, bool, Tuple[str, ...]]:
+    frames = not (out / FRAMES_DIR / clip.id).is_dir()
+    flow = bool(params.get("flow")) and not (out / FLOW_DIR / clip.id).is_dir()
+    recipes = tuple(r for r in sorted(params["audio"]) if not (out / audio_dir(r) / f"{clip.id}.npy").is_file())
+    return frames, flow, recipes
+
+
+def _frame_count(out: Path, clip: str) -> int:
+    return sum(1 for p in (out / FRAMES_DIR / clip).iterdir() if FRAME_FILE.match(p.name))
+
+
+def run(prep: Preparer, args: argparse.Namespace) -> int:
+    root, out = Path(args.root), Path(args.out)
+    if not root.is_dir():
+        raise UsageError(f"--root {root}: not a folder")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    rules = [(args.fps > 0, f"--fps must be > 0, got {args.fps}"),
+             (args.workers >= 1, f"--workers must be >= 1, got {args.workers}"),
+             (args.short_side >= 0, f"--short_side must be >= 0 (0 keeps the size), got {args.short_side}"),
+             (1 <= args.jpeg_quality <= 100, f"--jpeg_quality must lie in [1, 100], got {args.jpeg_quality}")]
+    if prep.audio:
+        rules.append((args.fbank_frames >= 1, f"--fbank_frames must be >= 1, got {args.fbank_frames}"))
+    if prep.flow:
+        rules.append((args.flow_bound > 0, f"--flow_bound must be > 0, got {args.flow_bound}"))
+    for ok, message in rules:
+        if not ok:
+            raise UsageError(message)
+    params = _parameters(prep, args)
+    collected = prep.collect(args)
+    for c in collected.clips:
+        check_clip_id(c.id, str(c.source.get("video", c.video)))
+    if not collected.clips:
+        raise UsageError(f"--root {root}: no clip of {prep.name} found (see the README for the expected layout)")
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a") as lock:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise UsageError(f"another preparation is writing into {out}; wait for it to finish") from None
+        return _run_locked(prep, args, root, out, params, collected)
+
+
+def _run_locked(prep, args, root: Path, out: Path, params: dict, collected: Collected) -> int:
+    old = None
+    if (out / MANIFEST).is_file():
+        try:
+            old = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{out / MANIFEST} is not valid JSON ({err}); remove it to rebuild it") from None
+    params = _merge_with_existing(old, prep, params, collected.classes, out)
+    shutil.rmtree(out / TMP_DIR, ignore_errors=True)  # left by a killed run; the lock says none is running
+
+    tasks, skipped = [], 0
+    for c in collected.clips:
+        frames, flow, recipes = _needs(c, out, params)
+        if not (frames or flow or recipes):
+            skipped += 1
+            continue
+        tasks.append(Task(clip=c.id, out=str(out), video=str(c.video), audio=str(c.audio) if c.audio else None,
+                          video_rel=c.source.get("video", str(c.video)),
+                          audio_rel=c.source.get("audio", c.source.get("video", str(c.video))),
+                          frames=frames, flow=args.flow if (flow and prep.flow) else None, recipes=recipes,
+                          fps=args.fps, short_side=args.short_side, jpeg_quality=args.jpeg_quality,
+                          flow_bound=getattr(args, "flow_bound", 0.0),
+                          fbank_frames=getattr(args, "fbank_frames", audio_lib.FBANK_FRAMES), root=str(root)))
+    progress = sys.stderr.isatty() if args.progress == "auto" else args.progress == "on"
+    results = run_tasks(tasks, args.workers, progress, desc=f"prepare {prep.name}")
+    shutil.rmtree(out / TMP_DIR, ignore_errors=True)
+
+    # The final state is read from the disk, so that the manifest describes what is there.
+    clips, failed = {}, {}
+    for c in collected.clips:
+        frames, flow, recipes = _needs(c, out, params)
+        if frames or flow or recipes:
+            failed[c.id] = results.get(c.id) or "outputs incomplete"
+            continue
+        clips[c.id] = {"label": c.label, "frames": _frame_count(out, c.id), "source": c.source, **c.meta}
+        if clips[c.id]["frames"] < 1:
+            failed[c.id] = f"{FRAMES_DIR}/{c.id}: no frame"
+            del clips[c.id]
+
+    split_counts = {}
+    for scheme, parts in sorted(collected.splits.items()):
+        labels = {i: clips[i]["label"] for i in clips}
+        counts = {}
+        for split in SPLITS:
+            ids = [i for i in parts.get(split, []) if i in clips]
+            write_text_if_changed(split_path(out, scheme, split), split_csv_text(ids, labels))
+            counts[split] = len(ids)
+            counts[f"{split}_failed_left_out"] = sum(1 for i in parts.get(split, []) if i not in clips)
+        split_counts[scheme] = {"how": collected.split_notes.get(scheme, ""), **counts}
+
+    versions = list(old.get("versions", [])) if old else []
+    current = library_versions()
+    wrote = sum(1 for t in tasks if results.get(t.clip) is None)
+    if wrote and current not in versions:
+        versions.append(current)
+    manifest = {
+        "format": FORMAT,
+        "dataset": prep.name,
+        "classes": collected.classes,
+        "frames": params["frames"],
+        "flow": params.get("flow"),
+        "audio": params["audio"],
+        "splits": split_counts,
+        "clips": clips,
+        "failed": failed,
+        "missing": collected.missing,
+        "versions": versions,
+    }
+    changed = write_text_if_changed(out / MANIFEST, manifest_text(manifest))
+    _summary(prep, out, collected, len(tasks), skipped, results, failed, split_counts, changed)
+    return 1 if failed else 0
+
+
+def _summary(prep, out, collected, n_tasks, skipped, results, failed, split_counts, changed) -> None:
+    written = sum(1 for r in results.values() if r is None)
+    say = lambda *a: print(*a, flush=True)  # noqa: E731
+    say(f"{prep.name} -> {out}: {len(collected.clips)} clips found; {written} written, {skipped} skipped "
+        f"(already done), {len(failed)} failed, {len(collected.missing)} listed but missing")
+    if failed:
+        say("failed (left out of the splits; rerun to retry them):")
+        for clip, reason in sorted(failed.items()):
+            say(f"  {clip}: {reason}")
+    if collected.missing:
+        kinds = Counter(collected.missing.values())
+        say("listed but missing: " + "; ".join(f"{n} x {why}" for why, n in kinds.most_common(5))
+            + f" (every one in {out / MANIFEST}, key 'missing')")
+    for note in collected.notes:
+        say(f"note: {note}")
+    for scheme, c in split_counts.items():
+        left = sum(c[f"{s}_failed_left_out"] for s in SPLITS)
+        say(f"splits '{scheme}' ({c['how']}): train {c['train']}, val {c['val']}, test {c['test']}"
+            + (f"; {left} failed clips left out" if left else ""))
+        for s in SPLITS:
+            if c[s] == 0:
+                say(f"warning: split '{scheme}/{s}' is empty; the loader will refuse it")
+    say(f"manifest {'written' if changed else 'unchanged'}: {out / MANIFEST}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def _add_common(p: argparse.ArgumentParser, prep: Preparer) -> None:
+    g = p.add_argument_group("input and output")
+    g.add_argument("--root", required=True, help="folder of the raw dataset as downloaded (layout in the README)")
+    g.add_argument("--out", required=True,
+                   help="output folder (created if missing); nothing is written anywhere else")
+    g = p.add_argument_group("frames")
+    g.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video (default: 1)")
+    g.add_argument("--short_side", type=int, default=prep.short_side,
+                   help="scale frames down so their shorter side has this many pixels; 0 keeps the "
+                        f"decoded size (default: {prep.short_side})")
+    g.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality, 1-100 (default: 95)")
+    if prep.audio:
+        g = p.add_argument_group("audio")
+        g.add_argument("--audio", default=prep.default_audio,
+                       help="audio features, comma-separated: 'fbank' (Kaldi-style 128-bin filterbank, "
+                            "16 kHz, 1024 frames of 10 ms; the D&R authors'), 'stft' (OGM-GE log-STFT, "
+                            f"22,050 Hz, 3 s, 257 x 188) or 'fbank,stft' (default: {prep.default_audio})")
+        g.add_argument("--fbank_frames", type=int, default=audio_lib.FBANK_FRAMES,
+                       help="filterbank frames (10 ms each) after zero-padding or cutting "
+                            f"(default: {audio_lib.FBANK_FRAMES})")
+    if prep.flow:
+        g = p.add_argument_group("optical flow")
+        g.add_argument("--flow", choices=video_lib.FLOW_METHODS, default="farneback",
+                       help="OpenCV optical-flow method (default: farneback)")
+        g.add_argument("--flow_bound", type=float, default=20.0,
+                       help="flow magnitude, in pixels, mapped to the ends of the 8-bit range; larger "
+                            "values are clipped (default: 20)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of the splits that are drawn (default: 0)")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="parallel processes, 1 = in this process (default: the number of CPUs)")
+    g.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="progress bar; auto shows it when stderr is a terminal (default: auto)")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    importlib.import_module(__package__)  # the package imports every dataset module: each registers its preparer
+
+    p = argparse.ArgumentParser(
+        prog="prepare.py",
+        description="Prepare a dataset from its raw download into the folder its loader reads: frames, "
+                    "audio features, optical flow, split files and a manifest.")
+    sub = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    for name, prep in sorted(PREPARERS.items()):
+        sp = sub.add_parser(name, help=prep.description, description=prep.description)
+        prep.add_args(sp.add_argument_group(f"{name}"))
+        _add_common(sp, prep)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(PREPARERS[args.dataset], args)
+    except (UsageError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
