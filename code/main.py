@@ -23,15 +23,16 @@ from torch.utils.data import DataLoader
 
 from dnr import __version__
 from dnr import checkpoint as ckpt_io
+from dnr import distributed as dist
 from dnr.data import DATASETS, build_datasets
-from dnr.engine import evaluate, extract_features, train_one_epoch
+from dnr.engine import AMP_DTYPES, evaluate, extract_features, train_one_epoch
 from dnr.logger import RunLogger, write_json
 from dnr.methods import METHODS, TrainContext, add_diagnosis_args, create_method, make_relearner
 from dnr.metrics import linear_probe_accuracy
-from dnr.models import ENCODERS, FUSIONS, create_model, encoder_options
+from dnr.models import ENCODERS, FUSIONS, create_model, encoder_options, unwrap
 from dnr.runtime import epoch_seed, pick_device, seed_everything, set_deterministic, worker_init
 
-SPLIT_METRICS = ("acc", "macro_f1", "map")
+SPLIT_METRICS = ("acc", "macro_f1", "f1_weighted", "map")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -114,6 +115,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "uninterrupted one exactly on the CPU)")
     g.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress bars; auto shows them when stderr is a terminal")
+
+    g = p.add_argument_group("speed (all off by default; launch with torchrun for several processes)")
+    g.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
+                   help="mixed precision: bf16 (CPU or GPU) or fp16 (CUDA, with a gradient scaler)")
+    g.add_argument("--channels_last", action="store_true",
+                   help="channels-last memory format for the convolutional encoders (faster on GPUs "
+                        "with tensor cores)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    g.add_argument("--sync_bn", action="store_true",
+                   help="with several CUDA processes: BatchNorm statistics over the global batch "
+                        "(SyncBatchNorm), so N processes x batch B train like 1 x N*B")
     return p
 
 
@@ -132,6 +144,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         (args.reinit_epoch >= 0, f"--reinit_epoch must be >= 0 (0 disables), got {args.reinit_epoch}"),
         (args.reinit_num >= 0, f"--reinit_num must be >= 0, got {args.reinit_num}"),
         (args.kmeans_n_init >= 1, f"--kmeans_n_init must be >= 1, got {args.kmeans_n_init}"),
+        (not (args.amp == "fp16" and args.device == "cpu"),
+         "--amp fp16 needs CUDA; on the CPU use --amp bf16"),
     ]
     for ok, message in rules:
         if not ok:
@@ -170,17 +184,21 @@ def build_optimizer(args, model):
 
 
 def make_loaders(args, splits, device):
+    """Training batches from a per-epoch permutation shared by all processes (each takes its part
+    of every global batch); evaluation sharded across processes without padding."""
     eval_bs = args.eval_batch_size or 2 * args.batch_size
     common = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init)
+    d = dist.info()
     train_set = splits.train if args.train_augment else splits.train_eval
-    gen = torch.Generator()
-    # A last batch of one sample breaks BatchNorm in training mode: drop it only in that case.
-    drop_last = len(train_set) % args.batch_size == 1
-    train = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen,
-                       drop_last=drop_last, **common)
-    evals = {name: DataLoader(ds, batch_size=eval_bs, shuffle=False, **common)
+    sampler = dist.EpochBatchSampler(len(train_set), args.batch_size, d.rank, d.world_size)
+    if len(sampler) == 0:
+        raise ValueError(f"the training split has {len(train_set)} samples: too few for batches of "
+                         f"--batch_size {args.batch_size} x {d.world_size} processes")
+    train = DataLoader(train_set, batch_sampler=sampler, **common)
+    evals = {name: DataLoader(ds, batch_size=eval_bs, shuffle=False,
+                              sampler=dist.ShardSampler(len(ds), d.rank, d.world_size), **common)
              for name, ds in (("train", splits.train_eval), ("val", splits.val), ("test", splits.test))}
-    return train, gen, evals
+    return train, sampler, evals
 
 
 def fmt_metrics(m: dict, modalities) -> str:
@@ -236,6 +254,9 @@ def run_eval_only(args, out: Path, device) -> dict:
         path = path / "best.pth"
     saved = ckpt_io.load(path, map_location="cpu")
     splits = build_datasets(args.dataset, args)
+    seen = METHODS[saved["args"]["method"]].select_modalities(argparse.Namespace(**saved["args"]), splits.info)
+    if list(seen) != splits.info.modality_names:
+        splits = splits.restrict(seen)
     if saved["info"] != splits.info.to_dict():
         raise ValueError(f"{path} was trained on {saved['info']}, not on the current data {splits.info.to_dict()}")
     model = create_model(splits.info, **saved["model_args"]).to(device)
@@ -254,67 +275,102 @@ def main(args: argparse.Namespace) -> dict:
     out = Path(args.ckpt_path or f"runs/{args.dataset}_{args.method}_seed{args.random_seed}")
     progress = sys.stderr.isatty() if args.progress == "auto" else args.progress == "on"
     set_deterministic(args.deterministic)
+    d = dist.init_distributed_mode(args.device)
     device = pick_device(args.device)
+    if device.type == "cuda" and d.enabled:
+        device = torch.device("cuda", torch.cuda.current_device())
+    main_proc = d.is_main
+    progress = progress and main_proc
+    amp = AMP_DTYPES[args.amp]
     if args.eval_only:
         return run_eval_only(args, out, device)
     resume = resolve_resume(args, out)
     if resume is None and (out / "last.pth").exists():
         raise FileExistsError(f"{out} already holds a run (last.pth); pass --resume to continue it, or "
                               f"choose another --ckpt_path")
-    out.mkdir(parents=True, exist_ok=True)
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
     seed_everything(args.random_seed)
 
     splits = build_datasets(args.dataset, args)
+    seen = METHODS[args.method].select_modalities(args, splits.info)
+    if list(seen) != splits.info.modality_names:
+        splits = splits.restrict(seen)
     info = splits.info
     model_args = {"fusion": args.fusion, "encoders": parse_encoders(args.encoders),
                   "encoder_options": encoder_options(args)}
-    model = create_model(info, **model_args).to(device)
-    method = create_method(args.method, args, model, info)  # D&R snapshots theta_init here
-    tracker = (make_relearner(args, model, info, apply=False)
+    net = create_model(info, **model_args).to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        for enc in net.encoders.values():
+            if hasattr(enc, "memory_format"):
+                enc.memory_format = torch.channels_last
+    model = net
+    if args.sync_bn and d.enabled:
+        if device.type != "cuda":
+            raise ValueError("--sync_bn needs CUDA processes (PyTorch's SyncBatchNorm has no CPU kernel)")
+        net = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if d.enabled:
+        # DDP broadcasts rank 0's weights now, so the D&R snapshot below is the same everywhere.
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    method = create_method(args.method, args, net, info)  # D&R snapshots theta_init here
+    tracker = (make_relearner(args, net, info, apply=False)
                if args.track_purity and args.method != "relearn" else None)
-    optimizer, scheduler = build_optimizer(args, model)
+    optimizer, scheduler = build_optimizer(args, net)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     progress_state = {"best_score": -math.inf, "best_epoch": -1, "best_val": None, "best_test": None,
                       "best_test_acc": -math.inf, "best_test_epoch": -1, "diagnoses": [], "seconds": 0.0}
     start_epoch = 0
     if resume is not None:
         saved = ckpt_io.load(resume, map_location=device)
         check_compatible(saved, args, info)
-        model.load_state_dict(saved["model"])
+        net.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
         method.load_state_dict(saved["method"])
         if tracker is not None and saved.get("tracker"):
             tracker.load_state_dict(saved["tracker"])
         progress_state = saved["progress"]
         start_epoch = saved["epoch"] + 1
         ckpt_io.set_rng_state(saved["rng"])
-        say(f"resumed {resume} after epoch {saved['epoch']}")
+        if main_proc:
+            say(f"resumed {resume} after epoch {saved['epoch']}")
 
-    write_json(out / "args.json", {**vars(args), "ckpt_path": str(out), "data": info.to_dict(),
-                                    "versions": versions(), "command": sys.argv})
+    if main_proc:
+        write_json(out / "args.json", {**vars(args), "ckpt_path": str(out), "data": info.to_dict(),
+                                        "world_size": d.world_size, "versions": versions(),
+                                        "command": sys.argv})
     tb_dir = args.tensorboard_path or str(out / "tensorboard")
-    logger = RunLogger(out, tb_dir, resume_epoch=start_epoch)
-    train_loader, train_gen, evals = make_loaders(args, splits, device)
-    ctx = TrainContext(model=model, device=device, info=info, args=args,
-                       extract_features=lambda split: extract_features(model, evals[split], device,
-                                                                        progress=progress, desc=f"features {split}"))
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"{args.method} on {info.name}: {len(splits.train)}/{len(splits.val)}/{len(splits.test)} "
-        f"train/val/test samples, {info.num_classes} classes, modalities "
-        + ", ".join(f"{s.name} {tuple(s.shape)} ({model.encoder_names[s.name]})" for s in info.modalities)
-        + f"; {n_params / 1e6:.1f}M parameters; {args.fusion} fusion; device {device}; output {out}")
+    logger = RunLogger(out, tb_dir, resume_epoch=start_epoch, enabled=main_proc)
+    train_loader, train_sampler, evals = make_loaders(args, splits, device)
+    ctx = TrainContext(model=net, device=device, info=info, args=args,
+                       extract_features=lambda split: extract_features(model, evals[split], device, amp=amp,
+                                                                        progress=progress, desc=f"features {split}"),
+                       is_main=main_proc, broadcast=dist.broadcast_object)
+    n_params = sum(p.numel() for p in net.parameters())
+    if main_proc:
+        say(f"{args.method} on {info.name}: {len(splits.train)}/{len(splits.val)}/{len(splits.test)} "
+            f"train/val/test samples, {info.num_classes} classes, modalities "
+            + ", ".join(f"{s.name} {tuple(s.shape)} ({net.encoder_names[s.name]})" for s in info.modalities)
+            + f"; {n_params / 1e6:.1f}M parameters; {args.fusion} fusion; device {device}"
+            + (f" x {d.world_size} processes" if d.enabled else "") + f"; output {out}")
 
     modalities = info.modality_names
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         seed = epoch_seed(args.random_seed, epoch)
-        seed_everything(seed)
-        train_gen.manual_seed(seed)
+        seed_everything(seed + d.rank)  # augmentation differs per process, shuffling does not
+        train_sampler.set_seed(seed)
         method.on_epoch_start(epoch, ctx)
         train_stats = train_one_epoch(model, method, train_loader, optimizer, device, epoch,
-                                      grad_clip=args.grad_clip, progress=progress)
-        val = evaluate(model, evals["val"], device, info.num_classes)
-        test = evaluate(model, evals["test"], device, info.num_classes)
+                                      grad_clip=args.grad_clip, progress=progress, amp=amp, scaler=scaler)
+        val = evaluate(model, evals["val"], device, info.num_classes, amp=amp)
+        test = evaluate(model, evals["test"], device, info.num_classes, amp=amp)
         scheduler.step()
 
         # Model selection comes before any re-initialisation at this epoch's end: best.pth holds
@@ -323,63 +379,72 @@ def main(args: argparse.Namespace) -> dict:
         is_best = score > progress_state["best_score"]
         if is_best:
             progress_state.update(best_score=score, best_epoch=epoch, best_val=val, best_test=test)
-            ckpt_io.save_atomic({"model": model.state_dict(), "epoch": epoch, "model_args": model_args,
-                                 "info": info.to_dict(), "args": vars(args), "val": val, "test": test},
-                                out / "best.pth")
+            if main_proc:
+                ckpt_io.save_atomic({"model": net.state_dict(), "epoch": epoch, "model_args": model_args,
+                                     "info": info.to_dict(), "args": vars(args), "val": val, "test": test},
+                                    out / "best.pth")
         if test["acc"] > progress_state["best_test_acc"]:
             progress_state.update(best_test_acc=test["acc"], best_test_epoch=epoch)
 
         record = {"epoch": epoch, "train": train_stats, "val": val, "test": test}
         extra = method.on_epoch_end(epoch, ctx)
         if tracker is not None:
-            d = tracker.step(epoch, ctx.extract_features)
-            if d is not None:
-                extra["diagnosis"] = d.to_dict()
+            diag = tracker.step(epoch, ctx.extract_features, compute=main_proc, share=dist.broadcast_object)
+            if diag is not None:
+                extra["diagnosis"] = diag.to_dict()
         record.update(extra)
         if "diagnosis" in record:
             progress_state["diagnoses"].append(record["diagnosis"])
         record["seconds"] = time.perf_counter() - t0
         progress_state["seconds"] += record["seconds"]
         logger.log_epoch(record)
-        ckpt_io.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "epoch": epoch, "args": vars(args),
-                             "model_args": model_args, "info": info.to_dict(), "method": method.state_dict(),
-                             "tracker": tracker.state_dict() if tracker is not None else None,
-                             "progress": progress_state, "rng": ckpt_io.rng_state()},
-                            out / "last.pth")
-        say(f"epoch {epoch:3d}/{args.epochs} loss {train_stats['loss']:.4f} train acc {train_stats['acc']:.3f} | "
-            f"val {fmt_metrics(val, modalities)} | test acc {test['acc']:.4f} | "
-            f"{record['seconds']:.1f}s{' *' if is_best else ''}")
-        if "diagnosis" in record:
-            say(fmt_diagnosis(record["diagnosis"]))
+        if main_proc:
+            ckpt_io.save_atomic({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(),
+                                 "scaler": scaler.state_dict() if scaler is not None else None,
+                                 "epoch": epoch, "args": vars(args),
+                                 "model_args": model_args, "info": info.to_dict(), "method": method.state_dict(),
+                                 "tracker": tracker.state_dict() if tracker is not None else None,
+                                 "progress": progress_state, "rng": ckpt_io.rng_state()},
+                                out / "last.pth")
+            say(f"epoch {epoch:3d}/{args.epochs} loss {train_stats['loss']:.4f} train acc {train_stats['acc']:.3f} | "
+                f"val {fmt_metrics(val, modalities)} | test acc {test['acc']:.4f} | "
+                f"{record['seconds']:.1f}s{' *' if is_best else ''}")
+            if "diagnosis" in record:
+                say(fmt_diagnosis(record["diagnosis"]))
+        dist.barrier()  # a resumed run must find this epoch's checkpoint complete on every process
     logger.close()
 
     finish_start = time.perf_counter()
-    results = finalize(args, out, model, splits, evals, device, progress_state, model_args)
+    results = finalize(args, out, model, net, splits, evals, device, progress_state, model_args, amp)
     # Training time summed over every process of this run (resumes included), plus this finish.
     results["seconds"] = progress_state["seconds"] + (time.perf_counter() - finish_start)
-    write_json(out / "results.json", results)
-    say(f"selected epoch {results['best_epoch']} (on {args.select_on}): "
-        f"val acc {results['val']['acc']:.4f}, test acc {results['test']['acc']:.4f}, "
-        f"macro-F1 {results['test']['macro_f1']:.4f}, mAP {results['test']['map']:.4f}; "
-        f"per-modality test acc ({results['unimodal_source']}) "
-        + ", ".join(f"{m} {a:.4f}" for m, a in results["unimodal_test_acc"].items())
-        + f"; best test acc over epochs {results['best_test_acc']:.4f} (epoch {results['best_test_epoch']}, "
-        f"test-selected, for comparison with the authors); results in {out / 'results.json'}")
+    if main_proc:
+        write_json(out / "results.json", results)
+        say(f"selected epoch {results['best_epoch']} (on {args.select_on}): "
+            f"val acc {results['val']['acc']:.4f}, test acc {results['test']['acc']:.4f}, "
+            f"macro-F1 {results['test']['macro_f1']:.4f}, mAP {results['test']['map']:.4f}; "
+            f"per-modality test acc ({results['unimodal_source']}) "
+            + ", ".join(f"{m} {a:.4f}" for m, a in results["unimodal_test_acc"].items())
+            + f"; best test acc over epochs {results['best_test_acc']:.4f} (epoch {results['best_test_epoch']}, "
+            f"test-selected, for comparison with the authors); results in {out / 'results.json'}")
+    dist.barrier()
     return results
 
 
-def finalize(args, out, model, splits, evals, device, state, model_args) -> dict:
+def finalize(args, out, model, net, splits, evals, device, state, model_args, amp=None) -> dict:
     info = splits.info
     best_val, best_test = state["best_val"], state["best_test"]
     probe = {}
     if args.probe:
+        dist.barrier()  # best.pth is written by the first process
         best = ckpt_io.load(out / "best.pth", map_location=device)
-        model.load_state_dict(best["model"])
-        train_f, train_y = extract_features(model, evals["train"], device)
-        test_f, test_y = extract_features(model, evals["test"], device)
-        probe = {m: linear_probe_accuracy(train_f[m], train_y, test_f[m], test_y, seed=args.random_seed)
-                 for m in info.modality_names}
+        net.load_state_dict(best["model"])
+        train_f, train_y = extract_features(model, evals["train"], device, amp=amp)
+        test_f, test_y = extract_features(model, evals["test"], device, amp=amp)
+        if dist.is_main_process():
+            probe = {m: linear_probe_accuracy(train_f[m], train_y, test_f[m], test_y, seed=args.random_seed)
+                     for m in info.modality_names}
     head = {m: best_test[f"acc_{m}"] for m in info.modality_names if f"acc_{m}" in best_test}
     if len(head) == len(info.modality_names):
         unimodal, source = head, "head"
@@ -406,6 +471,8 @@ def finalize(args, out, model, splits, evals, device, state, model_args) -> dict
         "diagnoses": state["diagnoses"],
         "model_args": model_args,
         "device": str(device),
+        "world_size": dist.info().world_size,
+        "amp": args.amp,
         "versions": versions(),
     }
 
@@ -419,6 +486,8 @@ def cli(argv=None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        dist.cleanup()
     return 0
 
 

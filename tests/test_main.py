@@ -26,13 +26,17 @@ def read_log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+# Flags some methods need on a 3-epoch run: a modality to keep, modulation from the first epoch.
+EXTRA = {"unimodal": ["--unimodal_modality", "visual"], "opm": ["--opm_starts", "0"]}
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_end_to_end_with_diagnosis(method, tmp_path, monkeypatch):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # nothing may be written to the working directory
     rc, out = run(["--method", method, "--epochs", "3", "--reinit_epoch", "1", "--reinit_num", "2",
-                   "--track_purity"], tmp_path)
+                   "--track_purity"] + EXTRA.get(method, []), tmp_path)
     assert rc == 0
     assert list(cwd.iterdir()) == []
     for name in ("args.json", "log.jsonl", "last.pth", "best.pth", "results.json"):
@@ -42,17 +46,20 @@ def test_method_end_to_end_with_diagnosis(method, tmp_path, monkeypatch):
     assert res["method"] == method and res["dataset"] == "builtin" and res["seed"] == 0
     assert 0 <= res["best_epoch"] < 3
     for split in ("val", "test"):
-        assert set(res[split]) == {"acc", "macro_f1", "map"}
+        assert set(res[split]) == {"acc", "macro_f1", "f1_weighted", "map"}
         assert all(0.0 <= v <= 1.0 for v in res[split].values())
     assert res["best_test_acc"] >= res["test"]["acc"]
-    assert set(res["unimodal_test_acc"]) == {"audio", "visual"} and res["unimodal_source"] == "head"
-    assert set(res["probe_test_acc"]) == {"audio", "visual"}
+    modalities = {"visual"} if method == "unimodal" else {"audio", "visual"}
+    assert set(res["modalities"]) == modalities
+    assert set(res["unimodal_test_acc"]) == modalities and res["unimodal_source"] == "head"
+    assert set(res["probe_test_acc"]) == modalities
     assert res["seconds"] > 0
     # diagnoses after 0-based epochs 1 and 2 (reinit_epoch 1, reinit_num 2)
     assert [d["epoch"] for d in res["diagnoses"]] == [1, 2]
     for d in res["diagnoses"]:
         assert d["applied"] == (method == "relearn")
-        for m in ("audio", "visual"):
+        assert set(d["purity"]) == modalities
+        for m in modalities:
             p = d["purity"][m]
             assert 0.0 < p["train"] <= 1.0 and 0.0 < p["val"] <= 1.0
             assert d["gap"][m] == pytest.approx(abs(p["train"] - p["val"]))
@@ -60,10 +67,25 @@ def test_method_end_to_end_with_diagnosis(method, tmp_path, monkeypatch):
     log = read_log(out)
     assert [r["epoch"] for r in log] == [0, 1, 2]
     assert {"train", "val", "test", "seconds"} <= set(log[0])
-    assert "acc_audio" in log[0]["val"] and "map" in log[0]["test"]
+    assert all(f"acc_{m}" in log[0]["val"] for m in modalities) and "map" in log[0]["test"]
     assert "diagnosis" in log[1] and "diagnosis" not in log[0]
     best = torch.load(out / "best.pth", weights_only=True)
     assert best["epoch"] == res["best_epoch"]
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"unimodal"}))
+def test_every_method_runs_with_three_modalities(method, tmp_path):
+    rc, out = run(["--method", method, "--builtin_modalities", "audio,visual,sensor", "--epochs", "1",
+                   "--reinit_epoch", "0", "--no-probe", "--builtin_image_size", "16"] + EXTRA.get(method, []),
+                  tmp_path)
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["unimodal_test_acc"]) == {"audio", "visual", "sensor"}
+    log = read_log(out)[0]["train"]
+    prefix = {"ogm": "ogm_coeff_", "ogm_ge": "ogm_coeff_", "agm": "agm_coeff_", "pmr": None,
+              "mmpareto": "mmpareto_cos_", "opm": "opm_q_"}.get(method)
+    if prefix:  # the method's own per-modality numbers reach the log, for all three modalities
+        assert {k[len(prefix):] for k in log if k.startswith(prefix)} == {"audio", "visual", "sensor"}
 
 
 def test_three_modalities_and_lr_decay(tmp_path):

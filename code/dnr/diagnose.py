@@ -394,12 +394,20 @@ class Relearner:
             soft_reinit_(enc, self.init_states[m], diagnosis.alpha[m], buffers=self.reinit_buffers)
         diagnosis.applied = True
 
-    def step(self, epoch: int, extract: FeatureFn) -> Optional[Diagnosis]:
-        """Diagnose and re-learn if due after `epoch`; returns the record, or None."""
+    def step(self, epoch: int, extract: FeatureFn, *, compute: bool = True,
+             share: Optional[Callable[[Optional[Diagnosis]], Diagnosis]] = None) -> Optional[Diagnosis]:
+        """Diagnose and re-learn if due after `epoch`; returns the record, or None.
+
+        With several processes: every process calls `extract` (a collective gather), the one with
+        `compute=True` clusters, and `share` hands its record to all (e.g. a broadcast), so every
+        replica applies the same strengths and stays identical."""
         if not self.due(epoch):
             return None
         start = time.perf_counter()
-        diagnosis = self.diagnose(extract("train"), extract("val"), epoch)
+        train, val = extract("train"), extract("val")
+        diagnosis = self.diagnose(train, val, epoch) if compute else None
+        if share is not None:
+            diagnosis = share(diagnosis)
         if self.apply:
             self.relearn(diagnosis)
         diagnosis.seconds = time.perf_counter() - start

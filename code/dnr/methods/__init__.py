@@ -4,7 +4,7 @@ To add a method: subclass `Method`, override the hooks it needs, decorate it wit
 `register_method`, declare its flags in `add_args`, and import its module here.
 """
 from .base import METHODS, Method, TrainContext, create_method, register_method
-from . import relearn  # noqa: F401  (registers "relearn")
+from . import agm, mmpareto, ogm_ge, opm, pmr, relearn, unimodal  # noqa: F401  (register themselves)
 from .relearn import add_diagnosis_args, make_relearner
 
 __all__ = ["METHODS", "Method", "TrainContext", "create_method", "register_method",

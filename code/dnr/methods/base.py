@@ -1,12 +1,13 @@
 """A training method is a small object with hooks the one epoch loop calls (engine.py):
 
     on_epoch_start(epoch, ctx)               once per epoch, before training
-    forward(model, inputs)     -> ModelOutput  (e.g. drop a modality's features)
+    forward(model, inputs, labels) -> ModelOutput  (e.g. drop a modality's features)
     loss(out, labels, epoch)   -> (loss, {name: float})
     backward(loss, out, labels, model)       (e.g. per-modality gradients, then combine)
     before_step(model, out, labels, epoch) -> {name: float}   (e.g. rescale encoder gradients)
     on_epoch_end(epoch, ctx)   -> {name: value}  after the epoch's evaluation (e.g. D&R)
     state_dict() / load_state_dict(state)    whatever must survive a resume
+    select_modalities(args, info) (class method)  which modalities the model sees
 
 The baseline is this class unchanged: plain cross-entropy on the fused logits.
 """
@@ -34,6 +35,8 @@ class TrainContext:
     info: DatasetInfo
     args: argparse.Namespace
     extract_features: Callable[[str], Tuple[Mapping[str, Tensor], Tensor]]
+    is_main: bool = True  # the process that computes shared decisions (rank 0)
+    broadcast: Callable[[object], object] = lambda obj: obj  # rank 0's object on every process
 
 
 class Method:
@@ -44,13 +47,18 @@ class Method:
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
         """Declare the method's own flags (prefix them with the method's name)."""
 
+    @classmethod
+    def select_modalities(cls, args: argparse.Namespace, info: DatasetInfo):
+        """Which of the dataset's modalities the model sees (all, unless the method says otherwise)."""
+        return info.modality_names
+
     def __init__(self, args: argparse.Namespace, model: nn.Module, info: DatasetInfo):
         self.args, self.model, self.info = args, model, info
 
     def on_epoch_start(self, epoch: int, ctx: TrainContext) -> None:
         pass
 
-    def forward(self, model: nn.Module, inputs: Mapping[str, Tensor]) -> ModelOutput:
+    def forward(self, model: nn.Module, inputs: Mapping[str, Tensor], labels: Tensor) -> ModelOutput:
         return model(inputs)
 
     def loss(self, out: ModelOutput, labels: Tensor, epoch: int) -> Tuple[Tensor, Dict[str, float]]:

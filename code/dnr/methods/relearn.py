@@ -29,10 +29,10 @@ def add_diagnosis_args(group: argparse._ArgumentGroup) -> None:
                        help="seed of the diagnosis k-means, fixed as in the paper (default: %(default)s)")
     group.add_argument("--reinit_buffers", action="store_true",
                        help="also interpolate BatchNorm running statistics towards their initial "
-                            "values (the authors leave them alone; default: off)")
+                            "values (the authors leave them alone)")
     group.add_argument("--track_purity", action="store_true",
                        help="with a method other than relearn: run the same diagnoses on the same "
-                            "schedule and log them, without re-initialising (default: off)")
+                            "schedule and log them, without re-initialising")
 
 
 def make_relearner(args: argparse.Namespace, model, info, apply: bool) -> Relearner:
@@ -61,7 +61,7 @@ class Relearn(Method):
         self.relearner = make_relearner(args, model, info, apply=True)
 
     def on_epoch_end(self, epoch: int, ctx: TrainContext) -> Dict[str, object]:
-        record = self.relearner.step(epoch, ctx.extract_features)
+        record = self.relearner.step(epoch, ctx.extract_features, compute=ctx.is_main, share=ctx.broadcast)
         return {"diagnosis": record.to_dict()} if record is not None else {}
 
     def state_dict(self) -> dict:

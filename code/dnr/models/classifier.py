@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 from torch import Tensor, nn
 
@@ -52,8 +52,14 @@ class MultimodalClassifier(nn.Module):
         fused = self.fusion(dict(features))
         return ModelOutput(fused.logits, dict(features), fused.unimodal_logits)
 
-    def forward(self, inputs: Mapping[str, Tensor]) -> ModelOutput:
-        return self.head(self.encode(inputs))
+    def forward(self, inputs: Mapping[str, Tensor],
+                feature_transform: Optional[Callable[[Dict[str, Tensor]], Dict[str, Tensor]]] = None) -> ModelOutput:
+        """`feature_transform` may change the pooled features before the head (e.g. OPM's
+        feature dropping); it runs inside forward so DistributedDataParallel sees the whole step."""
+        feats = self.encode(inputs)
+        if feature_transform is not None:
+            feats = feature_transform(feats)
+        return self.head(feats)
 
 
 def create_model(info: DatasetInfo, fusion: str = "concat",

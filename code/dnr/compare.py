@@ -1,0 +1,116 @@
+"""Run methods over seeds through the one trainer, then tabulate and plot them.
+
+Each run is `code/main.py ... --method M --random_seed S --ckpt_path OUT/M_seedS`; a run with a
+results.json is re-read, never recomputed; one with only a last.pth is resumed.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from .report import find_results, markdown, summarize
+
+MAIN = Path(__file__).resolve().parents[1] / "main.py"
+
+
+def expand_methods(methods: Sequence[str], modalities: Sequence[str]) -> List[List[str]]:
+    """'unimodal' becomes one uni-modal run per modality; 'unimodal:NAME' names one. Returns the
+    main.py flags of each entry."""
+    runs = []
+    for m in methods:
+        if m == "unimodal":
+            runs += [["--method", "unimodal", "--unimodal_modality", name] for name in modalities]
+        elif m.startswith("unimodal:"):
+            runs.append(["--method", "unimodal", "--unimodal_modality", m.split(":", 1)[1]])
+        else:
+            runs.append(["--method", m])
+    return runs
+
+
+def run_name(flags: Sequence[str], seed: int) -> str:
+    method = flags[flags.index("--method") + 1]
+    if method == "unimodal":
+        method += "_" + flags[flags.index("--unimodal_modality") + 1]
+    return f"{method}_seed{seed}"
+
+
+def run_all(out: Path, methods: Sequence[str], seeds: Sequence[int], modalities: Sequence[str],
+            extra: Sequence[str], python: str = sys.executable) -> List[Path]:
+    done = []
+    for flags in expand_methods(methods, modalities):
+        for seed in seeds:
+            folder = out / run_name(flags, seed)
+            if (folder / "results.json").exists():
+                print(f"[compare] {folder}: finished earlier, re-read", flush=True)
+                done.append(folder)
+                continue
+            cmd = [python, str(MAIN), *extra, *flags, "--random_seed", str(seed), "--ckpt_path", str(folder)]
+            if (folder / "last.pth").exists():
+                cmd.append("--resume")
+            print("[compare] " + " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+            done.append(folder)
+    return done
+
+
+def read_curves(folder: Path) -> Dict[str, List[float]]:
+    """Per-epoch test accuracy (fused and per modality) from a run's log.jsonl."""
+    curves: Dict[str, List[float]] = {}
+    for line in (folder / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        for k, v in rec["test"].items():
+            if k == "acc" or k.startswith("acc_"):
+                curves.setdefault(k, []).append(v)
+    return curves
+
+
+def plot(runs: List[dict], path: Path) -> None:
+    """test accuracy per epoch (mean over seeds with a +/- std band), one line per method; one panel
+    for the fused prediction and one per modality (head-slice accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups: Dict[str, List[Dict[str, List[float]]]] = {}
+    modalities: List[str] = []
+    for r in runs:
+        label = r["method"] + ("" if len(r["modalities"]) > 1 else f" ({r['modalities'][0]} only)")
+        groups.setdefault(label, []).append(read_curves(Path(r["_path"])))
+        modalities += [m for m in r["modalities"] if m not in modalities]
+    panels = ["acc"] + [f"acc_{m}" for m in modalities]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        for label, curves in sorted(groups.items()):
+            series = [c[key] for c in curves if key in c]
+            if not series:
+                continue
+            n = min(len(s) for s in series)
+            arr = np.array([s[:n] for s in series]) * 100
+            mean, std = arr.mean(0), arr.std(0)
+            line, = ax.plot(np.arange(n), mean, label=label)
+            ax.fill_between(np.arange(n), mean - std, mean + std, alpha=0.2, color=line.get_color())
+        ax.set_title("test accuracy (fused)" if key == "acc" else f"test accuracy, {key[4:]} (head slice)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("%")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(out: Path, folders: Sequence[Path] = None) -> str:
+    runs, unfinished = find_results([out] if folders is None else folders)
+    for u in unfinished:
+        print(f"[compare] note: {u} is unfinished; left out of the table", flush=True)
+    if not runs:
+        raise FileNotFoundError(f"no finished run (results.json) under {out}")
+    text = markdown(summarize(runs))
+    (out / "results.md").write_text(text)
+    plot(runs, out / "results.png")
+    return text
