@@ -57,6 +57,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"[compare] wrote {out / 'results.md'} and {out / 'results.png'}")
+    if (out / "failed.txt").exists():
+        print(f"[compare] some runs failed: {(out / 'failed.txt').read_text().strip()}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -40,6 +40,8 @@ def run_name(flags: Sequence[str], seed: int) -> str:
 def run_all(out: Path, methods: Sequence[str], seeds: Sequence[int], modalities: Sequence[str],
             extra: Sequence[str], python: str = sys.executable) -> List[Path]:
     done = []
+    failed = out / "failed.txt"
+    failed.unlink(missing_ok=True)  # earlier failures are retried now
     for flags in expand_methods(methods, modalities):
         for seed in seeds:
             folder = out / run_name(flags, seed)
@@ -51,7 +53,12 @@ def run_all(out: Path, methods: Sequence[str], seeds: Sequence[int], modalities:
             if (folder / "last.pth").exists():
                 cmd.append("--resume")
             print("[compare] " + " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
+            rc = subprocess.run(cmd).returncode
+            if rc != 0:  # one failed run (e.g. a diverging method) must not stop the comparison
+                print(f"[compare] {folder}: FAILED with exit status {rc}; see its output above", flush=True)
+                with failed.open("a") as f:
+                    f.write(f"{folder.name}: exit status {rc}\n")
+                continue
             done.append(folder)
     return done
 
@@ -111,6 +118,10 @@ def report(out: Path, folders: Sequence[Path] = None) -> str:
     if not runs:
         raise FileNotFoundError(f"no finished run (results.json) under {out}")
     text = markdown(summarize(runs))
+    failed = out / "failed.txt"
+    if failed.exists():
+        text += "\nRuns that failed (not in the table):\n\n" + "".join(
+            f"- {line}\n" for line in failed.read_text().splitlines())
     (out / "results.md").write_text(text)
     plot(runs, out / "results.png")
     return text
