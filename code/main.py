@@ -51,6 +51,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_augment", action=argparse.BooleanOptionalAction, default=True,
                    help="training-time sampling and augmentation; --no-train_augment trains on the "
                         "evaluation transform, as the authors' D&R runs did (reproduction switch)")
+    g.add_argument("--frame_cache", choices=("off", "cpu", "gpu"), default="off",
+                   help="prepared video datasets: read frames from the packed cache built by "
+                        "'script/prepare.py pack' instead of decoding JPEGs; cpu: augment in the loader, "
+                        "gpu: the loader returns uint8 frames and crop/flip/resize run batched on the "
+                        "training device (values differ slightly from the JPEG path)")
     for name, entry in sorted(DATASETS.items()):
         entry.add_args(p.add_argument_group(f"dataset '{name}' ({entry.description})"))
 
@@ -201,6 +206,11 @@ def make_loaders(args, splits, device):
     return train, sampler, evals
 
 
+def without_augmentation(transform):
+    """--no-train_augment: training batches get the evaluation device transform too."""
+    return None if transform is None else (lambda inputs, train: transform(inputs, False))
+
+
 def fmt_metrics(m: dict, modalities) -> str:
     uni = " ".join(f"{k}={m[f'acc_{k}']:.3f}" for k in modalities if f"acc_{k}" in m)
     return f"acc {m['acc']:.4f} f1 {m['macro_f1']:.4f} mAP {m['map']:.4f}" + (f" [{uni}]" if uni else "")
@@ -264,7 +274,8 @@ def run_eval_only(args, out: Path, device) -> dict:
     _, _, evals = make_loaders(args, splits, device)
     result = {"checkpoint": str(path), "epoch": saved["epoch"]}
     for split in ("val", "test"):
-        result[split] = evaluate(model, evals[split], device, splits.info.num_classes)
+        result[split] = evaluate(model, evals[split], device, splits.info.num_classes,
+                                 device_transform=splits.device_transform)
         say(f"{split}: {fmt_metrics(result[split], splits.info.modality_names)}")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", result)
@@ -348,9 +359,12 @@ def main(args: argparse.Namespace) -> dict:
     tb_dir = args.tensorboard_path or str(out / "tensorboard")
     logger = RunLogger(out, tb_dir, resume_epoch=start_epoch, enabled=main_proc)
     train_loader, train_sampler, evals = make_loaders(args, splits, device)
+    eval_transform = splits.device_transform
+    train_transform = eval_transform if args.train_augment else without_augmentation(eval_transform)
     ctx = TrainContext(model=net, device=device, info=info, args=args,
                        extract_features=lambda split: extract_features(model, evals[split], device, amp=amp,
-                                                                        progress=progress, desc=f"features {split}"),
+                                                                        progress=progress, desc=f"features {split}",
+                                                                        device_transform=eval_transform),
                        is_main=main_proc, broadcast=dist.broadcast_object)
     n_params = sum(p.numel() for p in net.parameters())
     if main_proc:
@@ -368,9 +382,10 @@ def main(args: argparse.Namespace) -> dict:
         train_sampler.set_seed(seed)
         method.on_epoch_start(epoch, ctx)
         train_stats = train_one_epoch(model, method, train_loader, optimizer, device, epoch,
-                                      grad_clip=args.grad_clip, progress=progress, amp=amp, scaler=scaler)
-        val = evaluate(model, evals["val"], device, info.num_classes, amp=amp)
-        test = evaluate(model, evals["test"], device, info.num_classes, amp=amp)
+                                      grad_clip=args.grad_clip, progress=progress, amp=amp, scaler=scaler,
+                                      device_transform=train_transform)
+        val = evaluate(model, evals["val"], device, info.num_classes, amp=amp, device_transform=eval_transform)
+        test = evaluate(model, evals["test"], device, info.num_classes, amp=amp, device_transform=eval_transform)
         scheduler.step()
 
         # Model selection comes before any re-initialisation at this epoch's end: best.pth holds
@@ -440,8 +455,10 @@ def finalize(args, out, model, net, splits, evals, device, state, model_args, am
         dist.barrier()  # best.pth is written by the first process
         best = ckpt_io.load(out / "best.pth", map_location=device)
         net.load_state_dict(best["model"])
-        train_f, train_y = extract_features(model, evals["train"], device, amp=amp)
-        test_f, test_y = extract_features(model, evals["test"], device, amp=amp)
+        train_f, train_y = extract_features(model, evals["train"], device, amp=amp,
+                                            device_transform=splits.device_transform)
+        test_f, test_y = extract_features(model, evals["test"], device, amp=amp,
+                                          device_transform=splits.device_transform)
         if dist.is_main_process():
             probe = {m: linear_probe_accuracy(train_f[m], train_y, test_f[m], test_y, seed=args.random_seed)
                      for m in info.modality_names}

@@ -3,6 +3,7 @@
 
     python script/prepare.py cremad --root CREMA-D --out data/cremad
     python script/prepare.py {cremad,kinetics_sounds,ucf101} --help
+    python script/prepare.py pack --data_path data/cremad    # packed frame cache (--frame_cache)
 
 The tool itself is code/dnr/data/prepare.py.
 """

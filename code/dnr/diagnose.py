@@ -97,9 +97,22 @@ def minmax_scale(x: Tensor, feature_range: Tuple[float, float] = (-1.0, 1.0)) ->
 
 def _sq_dist(x: Tensor, x_sq: Tensor, centers: Tensor) -> Tensor:
     """Squared distances of x (N, D) to each run's centers (R, K, D) -> (R, N, K)."""
+    r, k, d = centers.shape
     c_sq = (centers * centers).sum(-1)  # (R, K)
-    cross = torch.matmul(x, centers.transpose(1, 2))  # (N, D) @ (R, D, K) -> (R, N, K)
+    # One (N, D) @ (D, R*K) product for all runs (a batched matmul would copy x once per run).
+    cross = (x @ centers.reshape(r * k, d).T).view(-1, r, k).permute(1, 0, 2)  # (N, R*K) -> (R, N, K)
     return (x_sq[None, :, None] - 2.0 * cross + c_sq[:, None, :]).clamp_min_(0.0)
+
+
+def _centroids(x: Tensor, labels: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Mean of each cluster of each run: labels (R, N) -> centres (R, K, D) (0 for an empty
+    cluster) and counts (R, K), with one (R*K, N) @ (N, D) product."""
+    r, n = labels.shape
+    ids = labels + torch.arange(r, device=labels.device)[:, None] * k  # (R, N) in [0, R*K)
+    one_hot = x.new_zeros(n, r * k).scatter_(1, ids.T, 1.0)  # (N, R*K)
+    counts = one_hot.sum(0)  # (R*K,)
+    sums = one_hot.T @ x  # (R*K, N) @ (N, D) -> (R*K, D)
+    return (sums / counts.clamp_min(1)[:, None]).view(r, k, -1), counts.view(r, k)
 
 
 def _kmeans_pp(x: Tensor, x_sq: Tensor, k: int, runs: int, gen: torch.Generator) -> Tensor:
@@ -136,8 +149,10 @@ def kmeans(
 ) -> Tensor:
     """k-means++ seeding and Lloyd iterations in torch, on `x`'s device.
 
-    The `n_init` restarts run as one batch (a (n_init, N, k) distance tensor per iteration), and
-    the restart with the lowest inertia wins. Deterministic for a given seed and device.
+    The `n_init` restarts run as one batch (a (n_init, N, k) distance tensor per iteration, one
+    matrix product for all of them; a restart whose labels stopped changing leaves the batch), until
+    all have converged; the restart with the lowest inertia wins. Deterministic for a given seed
+    and device.
     `tol` is relative to the mean per-dimension variance of `x`, as in scikit-learn.
     Returns the cluster id of each row as a LongTensor (N,) on `x`'s device.
     """
@@ -151,35 +166,46 @@ def kmeans(
     x = x.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
-    if not torch.isfinite(x).all():
+    x_sq = (x * x).sum(1)  # (N,)
+    # A NaN or inf anywhere makes this sum non-finite; only then is every value checked (a sum
+    # can also overflow), which saves a pass over x.
+    if not torch.isfinite(x_sq.sum()) and not torch.isfinite(x).all():
         raise ValueError("kmeans input holds NaN or infinite values")
     gen = torch.Generator(device=x.device)
     gen.manual_seed(int(seed))
-    x_sq = (x * x).sum(1)
-    tol_abs = float(tol * x.var(dim=0, unbiased=False).mean())
+    # Mean per-dimension variance = (mean squared norm - squared norm of the mean) / D, from x_sq
+    # and one column sum, in float64 (a column-wise x.var is slow on a CPU).
+    mean = x.sum(0).double() / n  # (D,)
+    mean_var = max(float(x_sq.sum(dtype=torch.float64)) / n - float((mean * mean).sum()), 0.0) / x.shape[1]
+    tol_abs = tol * mean_var
 
     centers = _kmeans_pp(x, x_sq, k, n_init, gen)  # (R, K, D)
-    labels = None
+    labels = torch.full((n_init, n), -1, dtype=torch.long, device=x.device)
+    active = torch.arange(n_init, device=x.device)  # restarts still iterating
     for _ in range(max_iter):
-        dist = _sq_dist(x, x_sq, centers)  # (R, N, K)
-        new_labels = dist.argmin(-1)  # (R, N)
-        one_hot = torch.nn.functional.one_hot(new_labels, k).to(x.dtype)  # (R, N, K)
-        counts = one_hot.sum(1)  # (R, K)
-        sums = torch.matmul(one_hot.transpose(1, 2), x)  # (R, K, N) @ (N, D) -> (R, K, D)
-        new_centers = sums / counts.clamp_min(1)[..., None]
+        current = centers[active]  # (A, K, D)
+        dist = _sq_dist(x, x_sq, current)  # (A, N, K)
+        new_labels = dist.argmin(-1)  # (A, N)
+        new_centers, counts = _centroids(x, new_labels, k)
         empty = counts == 0
         if empty.any():
             # An empty cluster is moved to the points farthest from their centres (as sklearn).
-            far_dist = dist.min(-1).values  # (R, N)
+            far_dist = dist.min(-1).values  # (A, N)
             for r in torch.nonzero(empty.any(1)).flatten().tolist():
                 slots = torch.nonzero(empty[r]).flatten()
                 far = far_dist[r].topk(len(slots)).indices
                 new_centers[r, slots] = x[far]
-        shift = ((new_centers - centers) ** 2).sum((1, 2))  # (R,)
-        centers = new_centers
-        converged = labels is not None and bool((new_labels == labels).all())
-        labels = new_labels
-        if converged or bool((shift <= tol_abs).all()):
+        shift = ((new_centers - current) ** 2).sum((1, 2))  # (A,)
+        fixed = (new_labels == labels[active]).all(1)  # (A,): would repeat itself from now on
+        centers[active] = new_centers
+        labels[active] = new_labels
+        # Stop when every restart is at a fixed point or every one still moving moved less than
+        # tol (the fixed ones move 0), as one loop over all restarts would; fixed restarts leave
+        # the batch, which changes nothing but the work.
+        if bool((shift <= tol_abs).all()):
+            break
+        active = active[~fixed]
+        if active.numel() == 0:
             break
     dist = _sq_dist(x, x_sq, centers)
     min_dist, labels = dist.min(-1)  # (R, N)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -18,10 +18,15 @@ from .metrics import accuracy, classification_metrics
 from .models import unwrap
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# DataSplits.device_transform: (inputs on the device, train) -> inputs; e.g. --frame_cache gpu's
+# batched crop/flip/resize of uint8 frames. Runs outside autocast, so the model gets float32 inputs.
+DeviceTransform = Optional[Callable[[Dict[str, Tensor], bool], Dict[str, Tensor]]]
 
 
-def to_device(inputs: Mapping[str, Tensor], device) -> Dict[str, Tensor]:
-    return {m: x.to(device, non_blocking=True) for m, x in inputs.items()}
+def to_device(inputs: Mapping[str, Tensor], device, transform: DeviceTransform = None,
+              train: bool = False) -> Dict[str, Tensor]:
+    moved = {m: x.to(device, non_blocking=True) for m, x in inputs.items()}
+    return moved if transform is None else transform(moved, train)
 
 
 def autocast(device, dtype: Optional[torch.dtype]):
@@ -32,9 +37,10 @@ def autocast(device, dtype: Optional[torch.dtype]):
 
 def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     device, epoch: int, *, grad_clip: float = 0.0, progress: bool = True,
-                    amp: Optional[torch.dtype] = None, scaler=None) -> Dict[str, float]:
+                    amp: Optional[torch.dtype] = None, scaler=None,
+                    device_transform: DeviceTransform = None) -> Dict[str, float]:
     """Train for one pass over `loader`; returns mean loss, accuracies and the method's own logs
-    (averaged over every process's samples)."""
+    (averaged over every process's samples). `device_transform` gets train=True."""
     model.train()
     start = time.perf_counter()
     n, loss_sum, correct = 0, 0.0, 0.0
@@ -42,7 +48,7 @@ def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimi
     extra_sum: Dict[str, float] = {}
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
     for step, batch in enumerate(bar):
-        inputs = to_device(batch["inputs"], device)
+        inputs = to_device(batch["inputs"], device, device_transform, train=True)
         labels = batch["label"].to(device, non_blocking=True)
         with autocast(device, amp):
             out = method.forward(model, inputs, labels)
@@ -98,14 +104,15 @@ def _in_dataset_order(indices: Tensor, *tensors: Tensor):
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device, *, progress: bool = False, desc: str = "eval",
-            amp: Optional[torch.dtype] = None):
+            amp: Optional[torch.dtype] = None, device_transform: DeviceTransform = None):
     """Fused logits (N, C), per-modality logits {m: (N, C)} (or {}), labels (N,), on the CPU."""
     model.eval()
     net = unwrap(model)
     logits, labels, index, uni = [], [], [], {}
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        inputs = to_device(batch["inputs"], device, device_transform)
         with autocast(device, amp):
-            out = net(to_device(batch["inputs"], device))
+            out = net(inputs)
         logits.append(out.logits.float())
         labels.append(batch["label"].to(device))
         index.append(batch["index"].to(device))
@@ -118,9 +125,11 @@ def predict(model: nn.Module, loader: DataLoader, device, *, progress: bool = Fa
 
 
 def evaluate(model: nn.Module, loader: DataLoader, device, num_classes: int, *, progress: bool = False,
-             desc: str = "eval", amp: Optional[torch.dtype] = None) -> Dict[str, float]:
+             desc: str = "eval", amp: Optional[torch.dtype] = None,
+             device_transform: DeviceTransform = None) -> Dict[str, float]:
     """acc, macro_f1, f1_weighted, map, loss of the fused logits, and acc_<modality> from the head slices."""
-    logits, uni, labels = predict(model, loader, device, progress=progress, desc=desc, amp=amp)
+    logits, uni, labels = predict(model, loader, device, progress=progress, desc=desc, amp=amp,
+                                  device_transform=device_transform)
     stats = classification_metrics(logits, labels, num_classes)
     stats["loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
     stats.update({f"acc_{m}": accuracy(l, labels) for m, l in uni.items()})
@@ -129,7 +138,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device, num_classes: int, *, 
 
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: DataLoader, device, *, progress: bool = False,
-                     desc: str = "features", amp: Optional[torch.dtype] = None) -> Tuple[Dict[str, Tensor], Tensor]:
+                     desc: str = "features", amp: Optional[torch.dtype] = None,
+                     device_transform: DeviceTransform = None) -> Tuple[Dict[str, Tensor], Tensor]:
     """Pooled per-modality features in eval mode, kept on `device` (so the diagnosis k-means runs
     where the model runs), and the labels (N,), in dataset order (all processes' shards)."""
     model.eval()
@@ -137,8 +147,9 @@ def extract_features(model: nn.Module, loader: DataLoader, device, *, progress: 
     feats: Dict[str, list] = {}
     labels, index = [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        inputs = to_device(batch["inputs"], device, device_transform)
         with autocast(device, amp):
-            encoded = net.encode(to_device(batch["inputs"], device))
+            encoded = net.encode(inputs)
         for m, f in encoded.items():
             feats.setdefault(m, []).append(f.float())
         labels.append(batch["label"].to(device))

@@ -7,6 +7,10 @@ A dataset module provides a builder `build(args) -> DataSplits` and registers it
 
 with every input's shape equal to its `ModalitySpec.shape`. The default collate function stacks
 that into {"inputs": {modality: (B, ...)}, "label": (B,), "index": (B,)}.
+
+A dataset may leave part of the input transform to the training device: `DataSplits.device_transform`
+(inputs on the device, train) -> inputs runs on every batch after it is moved there (engine.py);
+the spec's shapes are then those of its output, the model's input shapes.
 """
 from __future__ import annotations
 
@@ -104,16 +108,24 @@ class MultimodalDataset(Dataset):
         return {"inputs": inputs, "label": int(self.labels[index]), "index": index}
 
 
+DeviceTransform = Callable[[Dict[str, Tensor], bool], Dict[str, Tensor]]
+
+
 @dataclass
 class DataSplits:
     """Train (with training augmentation), the same training samples with the evaluation
-    transform (used by the D&R diagnosis and the linear probe), validation and test."""
+    transform (used by the D&R diagnosis and the linear probe), validation and test.
+
+    `device_transform`, when set, finishes the input transform on the training device, batched:
+    called as device_transform(inputs, train) with train=True on training batches (augmentation)
+    and False on evaluation and feature-extraction batches."""
 
     info: DatasetInfo
     train: MultimodalDataset
     train_eval: MultimodalDataset
     val: MultimodalDataset
     test: MultimodalDataset
+    device_transform: Optional[DeviceTransform] = None
 
     def items(self):
         return [("train", self.train), ("val", self.val), ("test", self.test)]
@@ -123,7 +135,17 @@ class DataSplits:
         info = self.info.restrict(names)
         for ds in (self.train, self.train_eval, self.val, self.test):
             ds.active = tuple(info.modality_names)
-        return DataSplits(info, self.train, self.train_eval, self.val, self.test)
+        return DataSplits(info, self.train, self.train_eval, self.val, self.test, self.device_transform)
+
+
+def through_device_transform(sample: dict, transform: Optional[DeviceTransform], train: bool) -> dict:
+    """One sample as the model sees it: through the device transform as a batch of one (on the CPU)."""
+    if transform is None:
+        return sample
+    batch = {m: torch.as_tensor(x).unsqueeze(0) for m, x in sample["inputs"].items()}  # (...) -> (1, ...)
+    with torch.no_grad():
+        out = transform(batch, train)
+    return {**sample, "inputs": {m: x.squeeze(0) for m, x in out.items()}}
 
 
 def check_sample(sample: dict, info: DatasetInfo, where: str) -> None:
@@ -172,10 +194,15 @@ def build_datasets(name: str, args: argparse.Namespace) -> DataSplits:
     if name not in DATASETS:
         raise ValueError(f"unknown --dataset {name!r}; choose one of {sorted(DATASETS)}")
     splits = DATASETS[name].build(args)
+    cache = getattr(args, "frame_cache", "off")
+    if cache != "off" and getattr(splits.train, "frame_cache", "off") != cache:
+        raise ValueError(f"--frame_cache {cache}: dataset {name!r} does not read packed frames; the option "
+                         f"applies to the prepared video datasets (cremad, kinetics_sounds, ucf101)")
     for split, ds in splits.items():
         if len(ds) == 0:
             raise ValueError(f"dataset {name!r}: split {split!r} is empty")
-        check_sample(ds[0], splits.info, f"dataset {name!r}, split {split!r}, sample 0")
+        sample = through_device_transform(ds[0], splits.device_transform, train=split == "train")
+        check_sample(sample, splits.info, f"dataset {name!r}, split {split!r}, sample 0")
     return splits
 
 

@@ -5,6 +5,16 @@ A dataset module says which inputs it wants (`AudioInput`, `FramesInput`) and ca
 `build_prepared`; classes, the audio shape and the clip list come from the manifest.
 Frames are sampled by segment (SPEC section 2): a random frame in each of n equal segments of the
 clip's stored frames in training, the middle one in evaluation.
+
+`frame_cache` (the trainer's --frame_cache) says where frames come from:
+  off  the JPEG files, decoded and transformed with Pillow (transforms.rgb_transform);
+  cpu  the packed cache (cache.py, built by `script/prepare.py pack`), transformed on tensors in
+       the loader: same augmentation, no JPEG decode;
+  gpu  the packed cache, returned raw as (T, C, H, W) uint8; DataSplits.device_transform
+       (transforms.BatchedFrames) cuts, flips, resizes and normalises whole batches on the
+       training device.
+Either cache mode gives values that differ slightly from the JPEG path (another resampling
+filter, and a second resize where the cache's size differs from the stored frames').
 """
 from __future__ import annotations
 
@@ -18,10 +28,13 @@ from PIL import Image
 from torch import Tensor
 
 from .base import DataSplits, DatasetInfo, ModalitySpec, MultimodalDataset, segment_indices
+from .cache import FrameCache, find_size, open_cache
 from .manifest import (FLOW_DIR, FRAMES_DIR, MANIFEST, SPLITS_DIR, audio_dir, flow_names, frame_name,
                        read_manifest, split_path)
 from .splits import SPLITS, read_split_csv
-from .transforms import flow_to_tensor, rgb_transform
+from .transforms import BatchedFrames, flow_from_uint8, flow_to_tensor, rgb_from_uint8, rgb_transform
+
+FRAME_CACHE_MODES = ("off", "cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -60,17 +73,19 @@ class PreparedClips(MultimodalDataset):
     augmentation; otherwise the middle frame per segment and the deterministic resize."""
 
     def __init__(self, info: DatasetInfo, split: str, root: Path, clips: List[str], labels: Tensor,
-                 stored_frames: List[int], inputs: Dict[str, Input], train: bool):
+                 stored_frames: List[int], inputs: Dict[str, Input], train: bool,
+                 frame_cache: str = "off", caches: Optional[Dict[str, FrameCache]] = None):
         self.info, self.split, self.root = info, split, Path(root)
         self.clips, self.labels, self.stored_frames = clips, labels, stored_frames
         self.inputs, self.train = inputs, train
+        self.frame_cache, self.caches = frame_cache, dict(caches or {})  # modality -> FrameCache
         self.shapes = {m.name: tuple(m.shape) for m in info.modalities}
         self._rgb = {n: rgb_transform(i.size, train) for n, i in inputs.items()
                      if isinstance(i, FramesInput) and i.kind == "rgb"}
 
     def view(self, train: bool) -> "PreparedClips":
         other = PreparedClips(self.info, self.split, self.root, self.clips, self.labels, self.stored_frames,
-                              self.inputs, train)
+                              self.inputs, train, self.frame_cache, self.caches)
         other.active = self.active
         return other
 
@@ -84,6 +99,13 @@ class PreparedClips(MultimodalDataset):
 
     def _frames(self, inp: FramesInput, clip: str, stored: int) -> Tensor:
         picks = segment_indices(stored, inp.frames, self.train)
+        if inp.name in self.caches:
+            raw = torch.from_numpy(self.caches[inp.name].frames(clip, picks)).permute(0, 3, 1, 2)  # (T, H, W, C) -> (T, C, H, W)
+            if self.frame_cache == "gpu":
+                return raw  # uint8; transformed per batch on the device (transforms.BatchedFrames)
+            if inp.kind == "rgb":
+                return rgb_from_uint8(raw, inp.size, self.train)
+            return flow_from_uint8(raw, inp.size, self.train, inp.channels)
         out = []
         for k in picks:
             if inp.kind == "rgb":
@@ -151,9 +173,12 @@ def check_positive(value: int, flag: str, minimum: int = 1) -> None:
 
 
 def build_prepared(dataset: str, data_path: str, scheme: str, inputs: Sequence[Input],
-                   manifest: dict) -> DataSplits:
+                   manifest: dict, frame_cache: str = "off") -> DataSplits:
     """Check the prepared folder against its manifest and the requested inputs, then build the
-    four splits. Every problem raises naming the file and what was expected."""
+    four splits. Every problem raises naming the file and what was expected. `frame_cache`:
+    module docstring."""
+    if frame_cache not in FRAME_CACHE_MODES:
+        raise ValueError(f"--frame_cache {frame_cache!r}: choose one of {FRAME_CACHE_MODES}")
     root = Path(data_path)
     m = manifest
     classes = tuple(m["classes"])
@@ -186,9 +211,14 @@ def build_prepared(dataset: str, data_path: str, scheme: str, inputs: Sequence[I
             raise ValueError(f"{path} lists no clips")
         rows[split] = ids
 
+    caches: Dict[str, FrameCache] = {}
+    frame_inputs = [i for i in inputs if isinstance(i, FramesInput)]
+    if frame_cache != "off" and frame_inputs:
+        size = find_size(root)
+        caches = {i.name: open_cache(root, m, "frames" if i.kind == "rgb" else "flow", size) for i in frame_inputs}
     missing: List[str] = []
-    for clip in seen:
-        missing.extend(_missing_files(root, clip, m["clips"][clip], inputs))
+    for clip in seen:  # frames read from a cache need no JPEG files
+        missing.extend(_missing_files(root, clip, m["clips"][clip], [i for i in inputs if i.name not in caches]))
     if missing:
         raise FileNotFoundError(f"{root}: {len(missing)} file(s) that the manifest promises are missing, "
                                 f"e.g. {', '.join(missing[:3])}; rerun script/prepare.py {dataset} with "
@@ -208,6 +238,10 @@ def build_prepared(dataset: str, data_path: str, scheme: str, inputs: Sequence[I
     for split, ids in rows.items():
         labels = torch.tensor([index[m["clips"][c]["label"]] for c in ids], dtype=torch.long)
         stored = [int(m["clips"][c]["frames"]) for c in ids]
-        made[split] = PreparedClips(info, split, root, ids, labels, stored, named, train=False)
+        made[split] = PreparedClips(info, split, root, ids, labels, stored, named, train=False,
+                                    frame_cache=frame_cache, caches=caches)
+    device_transform = None
+    if frame_cache == "gpu" and caches:
+        device_transform = BatchedFrames({i.name: (i.kind, i.size, i.channels) for i in frame_inputs})
     return DataSplits(info=info, train=made["train"].view(train=True), train_eval=made["train"],
-                      val=made["val"], test=made["test"])
+                      val=made["val"], test=made["test"], device_transform=device_transform)

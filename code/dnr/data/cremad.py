@@ -57,7 +57,8 @@ def build(args: argparse.Namespace) -> DataSplits:
     recipe = choose_recipe(manifest, args.cremad_audio, "--cremad_audio", Path(args.data_path))
     inputs = [AudioInput("audio", recipe),
               FramesInput("visual", "rgb", args.cremad_frames, args.cremad_image_size)]
-    return build_prepared(NAME, args.data_path, args.cremad_split, inputs, manifest)
+    return build_prepared(NAME, args.data_path, args.cremad_split, inputs, manifest,
+                          frame_cache=getattr(args, "frame_cache", "off"))
 
 
 # ---------------------------------------------------------------------------------------------

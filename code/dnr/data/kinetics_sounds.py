@@ -49,7 +49,8 @@ def build(args: argparse.Namespace) -> DataSplits:
     recipe = choose_recipe(manifest, args.kinetics_sounds_audio, "--kinetics_sounds_audio", Path(args.data_path))
     inputs = [AudioInput("audio", recipe),
               FramesInput("visual", "rgb", args.kinetics_sounds_frames, args.kinetics_sounds_image_size)]
-    return build_prepared(NAME, args.data_path, SCHEME, inputs, manifest)
+    return build_prepared(NAME, args.data_path, SCHEME, inputs, manifest,
+                          frame_cache=getattr(args, "frame_cache", "off"))
 
 
 # ---------------------------------------------------------------------------------------------

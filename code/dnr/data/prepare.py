@@ -4,6 +4,7 @@ reads (layout in manifest.py). One sub-command per dataset:
     python script/prepare.py cremad          --root CREMA-D  --out data/cremad
     python script/prepare.py kinetics_sounds --root VIDEOS   --out data/kinetics_sounds --train_list .. --test_list ..
     python script/prepare.py ucf101          --root UCF-101  --splits_dir ucfTrainTestlist --out data/ucf101
+    python script/prepare.py pack            --data_path data/cremad    # optional: packed frame cache
 
 What it does: list the raw clips (the dataset module's `collect`), skip the clips whose outputs
 all exist, prepare the others in parallel (decode, features, frames, flow), each clip written to a
@@ -12,6 +13,9 @@ interrupted or failed clip never leaves a half-written output; then write the sp
 the manifest (only when their content changed: a second run changes nothing) and print a summary
 (written, skipped, failed with the reason, listed but missing). Exit status: 0 when every clip is
 prepared, 1 when some failed (they are left out of the splits), 2 on a usage error.
+
+`pack` decodes a prepared folder's frames (and flow) once into a memory-mapped uint8 cache inside
+it, for the trainer's --frame_cache (cache.py says what it writes and how it is checked).
 
 Decoding libraries: PyAV (FFmpeg's libraries, bundled in its wheels) for every video container and
 container these datasets come in (FLV, MP4, WebM, MKV, AVI) with exact timestamps; soundfile
@@ -44,8 +48,9 @@ except ImportError:  # pragma: no cover  (Windows: no lock)
 
 from . import audio as audio_lib
 from . import video as video_lib
+from . import cache as cache_lib
 from .manifest import (FLOW_DIR, FORMAT, FRAMES_DIR, MANIFEST, audio_dir, check_clip_id, flow_names,
-                       frame_name, manifest_text, split_path, write_text_if_changed)
+                       frame_name, manifest_text, read_manifest, split_path, write_text_if_changed)
 from .splits import SPLITS, split_csv_text
 
 TMP_DIR = ".tmp"
@@ -495,18 +500,61 @@ def _add_common(p: argparse.ArgumentParser, prep: Preparer) -> None:
                    help="progress bar; auto shows it when stderr is a terminal (default: auto)")
 
 
+PACK = "pack"
+
+
+def _add_pack(sub) -> None:
+    sp = sub.add_parser(PACK, help="decode a prepared folder's frames once into a memory-mapped cache "
+                                   "(for the trainer's --frame_cache)",
+                        description="Write <data_path>/cache/frames_<H>x<W>.u8 (uint8, frames x H x W x 3) "
+                                    "and its .json description, and flow_<H>x<W>.* when the folder has "
+                                    "optical flow. A second run with the same settings changes nothing.")
+    sp.add_argument("--data_path", required=True, help="a folder written by this tool (holds manifest.json)")
+    sp.add_argument("--height", type=int, default=0,
+                    help="frame height in the cache, with --width; 0 (default): the stored size when every "
+                         "clip has the same, else the most common stored size with its shorter side scaled "
+                         "to 256 (frames of another size or aspect are resized to it)")
+    sp.add_argument("--width", type=int, default=0, help="frame width in the cache, with --height (default: 0, see --height)")
+    sp.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="threads decoding JPEGs (default: the number of CPUs)")
+    sp.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                    help="progress bar; auto shows it when stderr is a terminal (default: auto)")
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    root = Path(args.data_path)
+    if not root.is_dir():
+        raise UsageError(f"--data_path {root}: not a folder")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    progress = sys.stderr.isatty() if args.progress == "auto" else args.progress == "on"
+    read_manifest(root)  # a prepared folder, before anything is written into it
+    with open(root / LOCK, "a") as lock:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise UsageError(f"another preparation is writing into {root}; wait for it to finish") from None
+        lines = cache_lib.pack(root, args.height, args.width, args.workers, progress)
+    for line in lines:
+        print(line, flush=True)
+    return 0
+
+
 def get_parser() -> argparse.ArgumentParser:
     importlib.import_module(__package__)  # the package imports every dataset module: each registers its preparer
 
     p = argparse.ArgumentParser(
         prog="prepare.py",
         description="Prepare a dataset from its raw download into the folder its loader reads: frames, "
-                    "audio features, optical flow, split files and a manifest.")
+                    "audio features, optical flow, split files and a manifest; 'pack' adds a packed "
+                    "frame cache to a prepared folder.")
     sub = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     for name, prep in sorted(PREPARERS.items()):
         sp = sub.add_parser(name, help=prep.description, description=prep.description)
         prep.add_args(sp.add_argument_group(f"{name}"))
         _add_common(sp, prep)
+    _add_pack(sub)
     return p
 
 
@@ -514,7 +562,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = get_parser()
     args = parser.parse_args(argv)
     try:
+        if args.dataset == PACK:
+            return run_pack(args)
         return run(PREPARERS[args.dataset], args)
-    except (UsageError, FileNotFoundError, ValueError) as err:
+    except (UsageError, FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

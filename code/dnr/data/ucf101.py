@@ -50,7 +50,8 @@ def build(args: argparse.Namespace) -> DataSplits:
     manifest = open_prepared(NAME, args.data_path)
     inputs = [FramesInput("rgb", "rgb", args.ucf101_frames, args.ucf101_image_size, 3),
               FramesInput("flow", "flow", args.ucf101_frames, args.ucf101_image_size, args.ucf101_flow_channels)]
-    return build_prepared(NAME, args.data_path, args.ucf101_split, inputs, manifest)
+    return build_prepared(NAME, args.data_path, args.ucf101_split, inputs, manifest,
+                          frame_cache=getattr(args, "frame_cache", "off"))
 
 
 # ---------------------------------------------------------------------------------------------
