@@ -21,7 +21,8 @@ What it measures (every figure is printed with the ratios between them, and save
      MEASURED (diagnose_purity, k = 6, n_init = 10, on 512-d features of both sizes, two modalities,
      on the benchmark device); feature extraction and the epoch are EXTRAPOLATED from the measured
      per-sample rates: epoch = 5,954 / train rate + 1,488 / eval rate (training, then val and test
-     evaluation); diagnosis = 6,698 / eval rate + k-means. Once with the model alone (a loader that
+     evaluation); diagnosis = 5,954 / eval rate + k-means (the trainer takes the val features from
+     the epoch's val evaluation, so a diagnosis extracts the training split only). Once with the model alone (a loader that
      keeps up: what the cache is for) and once with each loader path on all CPU cores, assuming
      the loader scales linearly with DataLoader workers (an assumption, stated in the output).
   4. k-means: dnr.diagnose.kmeans (torch, CPU and CUDA when present) against scikit-learn's KMeans
@@ -362,7 +363,7 @@ def extrapolate(model: dict, kmeans_s: float, loader_train: float = math.inf, lo
     train = min(model["train"], loader_train)
     evaluate = min(model["eval"], loader_eval)
     epoch = CREMAD["train"] / train + (CREMAD["val"] + CREMAD["test"]) / evaluate
-    extraction = (CREMAD["train"] + CREMAD["val"]) / evaluate
+    extraction = CREMAD["train"] / evaluate  # val features come from the epoch's val evaluation
     diagnosis = extraction + kmeans_s
     return {"epoch_s": epoch, "extraction_s": extraction, "kmeans_s": kmeans_s, "diagnosis_s": diagnosis,
             "diagnosis_over_epoch": diagnosis / epoch}
@@ -499,8 +500,8 @@ def main(argv=None) -> dict:
             km = measure_diagnosis_kmeans(device, prof["repeats"])
             say(f"diagnosis k-means (MEASURED, {device}, n_init 10, N {CREMAD['train']} and {CREMAD['val']}, 2 modalities): "
                 f"{km['seconds']:.2f}s")
-            diag = {"kmeans": km, "assumption": "epoch = 5954/train rate + 1488/eval rate; diagnosis = 6698/eval rate "
-                                                "+ measured k-means; rates measured here; loader paths scaled "
+            diag = {"kmeans": km, "assumption": "epoch = 5954/train rate + 1488/eval rate; diagnosis = 5954/eval rate "
+                                                "(val features kept from the val evaluation) + measured k-means; rates measured here; loader paths scaled "
                                                 "linearly to all CPU cores (workers) -- an assumption"}
             cores = os.cpu_count() or 1
             for name, r in results["model"]["rates"].items():

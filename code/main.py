@@ -361,10 +361,18 @@ def main(args: argparse.Namespace) -> dict:
     train_loader, train_sampler, evals = make_loaders(args, splits, device)
     eval_transform = splits.device_transform
     train_transform = eval_transform if args.train_augment else without_augmentation(eval_transform)
-    ctx = TrainContext(model=net, device=device, info=info, args=args,
-                       extract_features=lambda split: extract_features(model, evals[split], device, amp=amp,
-                                                                        progress=progress, desc=f"features {split}",
-                                                                        device_transform=eval_transform),
+    # A diagnosis after an epoch clusters the features of the model just evaluated on val: that
+    # evaluation keeps them (this epoch only, before anything changes the weights), which spares
+    # one pass over val per diagnosis.
+    epoch_features: dict = {}
+
+    def features_of(split):
+        if split in epoch_features:
+            return epoch_features[split]
+        return extract_features(model, evals[split], device, amp=amp, progress=progress,
+                                desc=f"features {split}", device_transform=eval_transform)
+
+    ctx = TrainContext(model=net, device=device, info=info, args=args, extract_features=features_of,
                        is_main=main_proc, broadcast=dist.broadcast_object)
     n_params = sum(p.numel() for p in net.parameters())
     if main_proc:
@@ -384,7 +392,11 @@ def main(args: argparse.Namespace) -> dict:
         train_stats = train_one_epoch(model, method, train_loader, optimizer, device, epoch,
                                       grad_clip=args.grad_clip, progress=progress, amp=amp, scaler=scaler,
                                       device_transform=train_transform)
-        val = evaluate(model, evals["val"], device, info.num_classes, amp=amp, device_transform=eval_transform)
+        epoch_features.clear()
+        kept: dict = {}
+        val = evaluate(model, evals["val"], device, info.num_classes, amp=amp, device_transform=eval_transform,
+                       features_out=kept)
+        epoch_features["val"] = (kept["features"], kept["labels"])
         test = evaluate(model, evals["test"], device, info.num_classes, amp=amp, device_transform=eval_transform)
         scheduler.step()
 
@@ -403,10 +415,11 @@ def main(args: argparse.Namespace) -> dict:
 
         record = {"epoch": epoch, "train": train_stats, "val": val, "test": test}
         extra = method.on_epoch_end(epoch, ctx)
-        if tracker is not None:
+        if tracker is not None:  # never beside relearn, so no re-init has changed the weights here
             diag = tracker.step(epoch, ctx.extract_features, compute=main_proc, share=dist.broadcast_object)
             if diag is not None:
                 extra["diagnosis"] = diag.to_dict()
+        epoch_features.clear()  # the weights may change from here on
         record.update(extra)
         if "diagnosis" in record:
             progress_state["diagnoses"].append(record["diagnosis"])

@@ -73,6 +73,39 @@ def test_method_end_to_end_with_diagnosis(method, tmp_path, monkeypatch):
     assert best["epoch"] == res["best_epoch"]
 
 
+def test_diagnosis_takes_val_features_from_the_evaluation(tmp_path, monkeypatch):
+    """The val features of a diagnosis come from that epoch's val evaluation (one pass fewer), and
+    are exactly what a separate extraction of the same model would give."""
+    real_evaluate, real_extract = trainer.evaluate, trainer.extract_features
+    extracted, checked = [], []
+
+    def evaluate(model, loader, device, num_classes, **kw):
+        stats = real_evaluate(model, loader, device, num_classes, **kw)
+        if kw.get("features_out") is not None:
+            fresh, labels = real_extract(model, loader, device, device_transform=kw.get("device_transform"))
+            kept = kw["features_out"]
+            assert set(kept["features"]) == set(fresh) == {"audio", "visual"}
+            for m in fresh:
+                assert torch.equal(kept["features"][m], fresh[m])
+            assert torch.equal(kept["labels"], labels)
+            checked.append(len(labels))
+        return stats
+
+    def extract(model, loader, device, **kw):
+        extracted.append(kw.get("desc", ""))
+        return real_extract(model, loader, device, **kw)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    monkeypatch.setattr(trainer, "extract_features", extract)
+    rc, out = run(["--method", "relearn", "--epochs", "3", "--reinit_epoch", "1", "--reinit_num", "2"], tmp_path)
+    assert rc == 0
+    assert checked == [20, 20, 20]  # every epoch's val evaluation kept its features
+    diagnosis_passes = [d for d in extracted if d.startswith("features ")]
+    assert diagnosis_passes == ["features train", "features train"]  # two diagnoses, no val pass
+    res = json.loads((out / "results.json").read_text())
+    assert [d["epoch"] for d in res["diagnoses"]] == [1, 2]
+
+
 @pytest.mark.parametrize("method", sorted(set(METHODS) - {"unimodal"}))
 def test_every_method_runs_with_three_modalities(method, tmp_path):
     rc, out = run(["--method", method, "--builtin_modalities", "audio,visual,sensor", "--epochs", "1",

@@ -104,11 +104,16 @@ def _in_dataset_order(indices: Tensor, *tensors: Tensor):
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device, *, progress: bool = False, desc: str = "eval",
-            amp: Optional[torch.dtype] = None, device_transform: DeviceTransform = None):
-    """Fused logits (N, C), per-modality logits {m: (N, C)} (or {}), labels (N,), on the CPU."""
+            amp: Optional[torch.dtype] = None, device_transform: DeviceTransform = None,
+            features_out: Optional[dict] = None):
+    """Fused logits (N, C), per-modality logits {m: (N, C)} (or {}), labels (N,), on the CPU.
+
+    With a dict as `features_out`, it also receives "features" ({m: (N, D)} on `device`) and
+    "labels", exactly what `extract_features` returns for this loader: the forward pass computes
+    the pooled features anyway, so a diagnosis after this evaluation need not run it again."""
     model.eval()
     net = unwrap(model)
-    logits, labels, index, uni = [], [], [], {}
+    logits, labels, index, uni, feats = [], [], [], {}, {}
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         inputs = to_device(batch["inputs"], device, device_transform)
         with autocast(device, amp):
@@ -118,18 +123,26 @@ def predict(model: nn.Module, loader: DataLoader, device, *, progress: bool = Fa
         index.append(batch["index"].to(device))
         for m, l in (out.unimodal_logits or {}).items():
             uni.setdefault(m, []).append(l.float())
-    names = sorted(uni)
+        if features_out is not None:
+            for m, f in out.features.items():
+                feats.setdefault(m, []).append(f.float())
+    names, feat_names = sorted(uni), sorted(feats)
     gathered = _in_dataset_order(torch.cat(index), torch.cat(logits), torch.cat(labels),
-                                 *[torch.cat(uni[m]) for m in names])
-    return gathered[0].cpu(), {m: g.cpu() for m, g in zip(names, gathered[2:])}, gathered[1].cpu()
+                                 *[torch.cat(uni[m]) for m in names], *[torch.cat(feats[m]) for m in feat_names])
+    if features_out is not None:
+        features_out["features"] = dict(zip(feat_names, gathered[2 + len(names):]))
+        features_out["labels"] = gathered[1].cpu()
+    return (gathered[0].cpu(), {m: g.cpu() for m, g in zip(names, gathered[2:2 + len(names)])},
+            gathered[1].cpu())
 
 
 def evaluate(model: nn.Module, loader: DataLoader, device, num_classes: int, *, progress: bool = False,
              desc: str = "eval", amp: Optional[torch.dtype] = None,
-             device_transform: DeviceTransform = None) -> Dict[str, float]:
-    """acc, macro_f1, f1_weighted, map, loss of the fused logits, and acc_<modality> from the head slices."""
+             device_transform: DeviceTransform = None, features_out: Optional[dict] = None) -> Dict[str, float]:
+    """acc, macro_f1, f1_weighted, map, loss of the fused logits, and acc_<modality> from the head
+    slices; `features_out` as in `predict`."""
     logits, uni, labels = predict(model, loader, device, progress=progress, desc=desc, amp=amp,
-                                  device_transform=device_transform)
+                                  device_transform=device_transform, features_out=features_out)
     stats = classification_metrics(logits, labels, num_classes)
     stats["loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
     stats.update({f"acc_{m}": accuracy(l, labels) for m, l in uni.items()})
