@@ -150,7 +150,13 @@ def test_pmr_prototypes_and_loss():
     labels = torch.tensor([0, 0, 1, 1])
     protos = class_prototypes(feats, labels, 3)
     assert torch.equal(protos, torch.tensor([[1.0, 0.0], [0.0, 5.0], [0.0, 0.0]]))
-    assert torch.allclose(prototype_logits(torch.tensor([[1.0, 1.0]]), protos), torch.tensor([[-1.0, -17.0, -2.0]]))
+    z = torch.tensor([[1.0, 1.0]])
+    assert torch.allclose(prototype_logits(z, protos, squared=True), torch.tensor([[-1.0, -17.0, -2.0]]))
+    assert torch.allclose(prototype_logits(z, protos), -torch.tensor([[1.0, 17.0, 2.0]]).sqrt())
+    # A feature on its prototype: distance 0, and a finite gradient (the square root's is not at 0).
+    on = protos[:1].clone().requires_grad_(True)
+    prototype_logits(on, protos).sum().backward()
+    assert torch.isfinite(on.grad).all()
 
     model, x, y = model_and_batch()
     method = create_method("pmr", make_args(pmr_alpha=0.7), model, INFO)
@@ -159,11 +165,14 @@ def test_pmr_prototypes_and_loss():
     method.prototypes = proto
     feats = {"audio": proto["audio"][y] + 0.1, "visual": torch.randn(6, 3)}  # audio sits on its prototypes
     out = ModelOutput(torch.randn(6, 3), feats, None)
-    loss, logs = method.loss(out, y, 0)
-    expected = F.cross_entropy(out.logits, y) + 0.7 * F.cross_entropy(prototype_logits(feats["visual"], proto["visual"]), y)
-    assert logs["pmr_ratio_audio"] > 1 > logs["pmr_ratio_visual"]
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert "pmr_pce_visual" in logs and "pmr_pce_audio" not in logs
+    for distance in ("euclidean", "squared"):
+        method.args.pmr_distance = distance
+        loss, logs = method.loss(out, y, 0)
+        weak = prototype_logits(feats["visual"], proto["visual"], squared=distance == "squared")
+        expected = F.cross_entropy(out.logits, y) + 0.7 * F.cross_entropy(weak, y)
+        assert logs["pmr_ratio_audio"] > 1 > logs["pmr_ratio_visual"]
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert "pmr_pce_visual" in logs and "pmr_pce_audio" not in logs
 
 
 # ---------------------------------------------------------------- AGM
