@@ -99,11 +99,11 @@ def main(argv=None) -> int:
     except (OSError, json.JSONDecodeError) as err:
         print(f"error: cannot read {a.json}: {err}", file=sys.stderr)
         return 2
-    sections = [("Machine", machine), ("1. Loader", loader), ("2. Training step and feature extraction", model),
-                ("3. Diagnosis vs one epoch at CREMA-D scale", diagnosis), ("4. k-means", kmeans)]
-    for title, fn in sections:
-        key = {"Machine": "machine", "1. Loader": "loader", "2. Training step and feature extraction": "model",
-               "3. Diagnosis vs one epoch at CREMA-D scale": "diagnosis", "4. k-means": "kmeans"}[title]
+    sections = [("Machine", "machine", machine), ("1. Loader", "loader", loader),
+                ("2. Training step and feature extraction", "model", model),
+                ("3. Diagnosis vs one epoch at CREMA-D scale", "diagnosis", diagnosis),
+                ("4. k-means", "kmeans", kmeans)]
+    for title, key, fn in sections:
         if key in r:
             print(f"### {title}\n\n{fn(r)}\n")
     return 0

@@ -392,7 +392,6 @@ def main(args: argparse.Namespace) -> dict:
         train_stats = train_one_epoch(model, method, train_loader, optimizer, device, epoch,
                                       grad_clip=args.grad_clip, progress=progress, amp=amp, scaler=scaler,
                                       device_transform=train_transform)
-        epoch_features.clear()
         kept: dict = {}
         val = evaluate(model, evals["val"], device, info.num_classes, amp=amp, device_transform=eval_transform,
                        features_out=kept)

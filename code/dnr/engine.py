@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -13,18 +13,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import distributed as dist
+from .data.base import DeviceTransform
 from .methods.base import Method
 from .metrics import accuracy, classification_metrics
 from .models import unwrap
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# DataSplits.device_transform: (inputs on the device, train) -> inputs; e.g. --frame_cache gpu's
-# batched crop/flip/resize of uint8 frames. Runs outside autocast, so the model gets float32 inputs.
-DeviceTransform = Optional[Callable[[Dict[str, Tensor], bool], Dict[str, Tensor]]]
-
-
-def to_device(inputs: Mapping[str, Tensor], device, transform: DeviceTransform = None,
+def to_device(inputs: Mapping[str, Tensor], device, transform: Optional[DeviceTransform] = None,
               train: bool = False) -> Dict[str, Tensor]:
+    """Move a batch to `device`, then apply the dataset's device transform (e.g. --frame_cache gpu's
+    batched crop/flip/resize of uint8 frames). It runs outside autocast: the model gets float32."""
     moved = {m: x.to(device, non_blocking=True) for m, x in inputs.items()}
     return moved if transform is None else transform(moved, train)
 
@@ -38,7 +36,7 @@ def autocast(device, dtype: Optional[torch.dtype]):
 def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     device, epoch: int, *, grad_clip: float = 0.0, progress: bool = True,
                     amp: Optional[torch.dtype] = None, scaler=None,
-                    device_transform: DeviceTransform = None) -> Dict[str, float]:
+                    device_transform: Optional[DeviceTransform] = None) -> Dict[str, float]:
     """Train for one pass over `loader`; returns mean loss, accuracies and the method's own logs
     (averaged over every process's samples). `device_transform` gets train=True."""
     model.train()
@@ -104,7 +102,7 @@ def _in_dataset_order(indices: Tensor, *tensors: Tensor):
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device, *, progress: bool = False, desc: str = "eval",
-            amp: Optional[torch.dtype] = None, device_transform: DeviceTransform = None,
+            amp: Optional[torch.dtype] = None, device_transform: Optional[DeviceTransform] = None,
             features_out: Optional[dict] = None):
     """Fused logits (N, C), per-modality logits {m: (N, C)} (or {}), labels (N,), on the CPU.
 
@@ -138,7 +136,7 @@ def predict(model: nn.Module, loader: DataLoader, device, *, progress: bool = Fa
 
 def evaluate(model: nn.Module, loader: DataLoader, device, num_classes: int, *, progress: bool = False,
              desc: str = "eval", amp: Optional[torch.dtype] = None,
-             device_transform: DeviceTransform = None, features_out: Optional[dict] = None) -> Dict[str, float]:
+             device_transform: Optional[DeviceTransform] = None, features_out: Optional[dict] = None) -> Dict[str, float]:
     """acc, macro_f1, f1_weighted, map, loss of the fused logits, and acc_<modality> from the head
     slices; `features_out` as in `predict`."""
     logits, uni, labels = predict(model, loader, device, progress=progress, desc=desc, amp=amp,
@@ -152,7 +150,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device, num_classes: int, *, 
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: DataLoader, device, *, progress: bool = False,
                      desc: str = "features", amp: Optional[torch.dtype] = None,
-                     device_transform: DeviceTransform = None) -> Tuple[Dict[str, Tensor], Tensor]:
+                     device_transform: Optional[DeviceTransform] = None) -> Tuple[Dict[str, Tensor], Tensor]:
     """Pooled per-modality features in eval mode, kept on `device` (so the diagnosis k-means runs
     where the model runs), and the labels (N,), in dataset order (all processes' shards)."""
     model.eval()

@@ -24,6 +24,7 @@ container these datasets come in (FLV, MP4, WebM, MKV, AVI) with exact timestamp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import multiprocessing
@@ -354,13 +355,20 @@ def run(prep: Preparer, args: argparse.Namespace) -> int:
         raise UsageError(f"--root {root}: no clip of {prep.name} found (see the README for the expected layout)")
 
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK, "a") as lock:
+    with _exclusive(out):
+        return _run_locked(prep, args, root, out, params, collected)
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path):
+    """Hold the folder's preparation lock (one writer at a time); refuse when another run holds it."""
+    with open(folder / LOCK, "a") as lock:
         if fcntl is not None:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                raise UsageError(f"another preparation is writing into {out}; wait for it to finish") from None
-        return _run_locked(prep, args, root, out, params, collected)
+                raise UsageError(f"another preparation is writing into {folder}; wait for it to finish") from None
+        yield
 
 
 def _run_locked(prep, args, root: Path, out: Path, params: dict, collected: Collected) -> int:
@@ -386,7 +394,7 @@ def _run_locked(prep, args, root: Path, out: Path, params: dict, collected: Coll
                           fps=args.fps, short_side=args.short_side, jpeg_quality=args.jpeg_quality,
                           flow_bound=getattr(args, "flow_bound", 0.0),
                           fbank_frames=getattr(args, "fbank_frames", audio_lib.FBANK_FRAMES), root=str(root)))
-    progress = sys.stderr.isatty() if args.progress == "auto" else args.progress == "on"
+    progress = _progress(args)
     results = run_tasks(tasks, args.workers, progress, desc=f"prepare {prep.name}")
     shutil.rmtree(out / TMP_DIR, ignore_errors=True)
 
@@ -496,11 +504,19 @@ def _add_common(p: argparse.ArgumentParser, prep: Preparer) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the splits that are drawn (default: 0)")
     g.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="parallel processes, 1 = in this process (default: the number of CPUs)")
-    g.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
-                   help="progress bar; auto shows it when stderr is a terminal (default: auto)")
+    _add_progress(g)
 
 
 PACK = "pack"
+
+
+def _add_progress(p) -> None:
+    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="progress bar; auto shows it when stderr is a terminal (default: auto)")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() if args.progress == "auto" else args.progress == "on"
 
 
 def _add_pack(sub) -> None:
@@ -517,8 +533,7 @@ def _add_pack(sub) -> None:
     sp.add_argument("--width", type=int, default=0, help="frame width in the cache, with --height (default: 0, see --height)")
     sp.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="threads decoding JPEGs (default: the number of CPUs)")
-    sp.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
-                    help="progress bar; auto shows it when stderr is a terminal (default: auto)")
+    _add_progress(sp)
 
 
 def run_pack(args: argparse.Namespace) -> int:
@@ -527,14 +542,9 @@ def run_pack(args: argparse.Namespace) -> int:
         raise UsageError(f"--data_path {root}: not a folder")
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
-    progress = sys.stderr.isatty() if args.progress == "auto" else args.progress == "on"
+    progress = _progress(args)
     read_manifest(root)  # a prepared folder, before anything is written into it
-    with open(root / LOCK, "a") as lock:
-        if fcntl is not None:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise UsageError(f"another preparation is writing into {root}; wait for it to finish") from None
+    with _exclusive(root):
         lines = cache_lib.pack(root, args.height, args.width, args.workers, progress)
     for line in lines:
         print(line, flush=True)
