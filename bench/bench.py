@@ -230,6 +230,7 @@ def model_rates(info, device, batch_size: int, steps: int) -> dict:
     from dnr.engine import extract_features, train_one_epoch
     from dnr.methods import Method
     from dnr.models import create_model
+    from dnr.stepping import Updater
 
     torch.backends.cudnn.benchmark = True  # as the trainer without --deterministic
     gen = torch.Generator().manual_seed(0)
@@ -255,11 +256,11 @@ def model_rates(info, device, batch_size: int, steps: int) -> dict:
         method = Method(None, model, info)
         opt = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9, weight_decay=1e-4)
         scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+        update = Updater(model, opt, device, amp=amp, scaler=scaler)
         try:
-            train_one_epoch(model, method, train_batches[:1], opt, device, 0, progress=False, amp=amp,
-                            scaler=scaler)  # warm-up (cuDNN autotuning, allocator)
-            train_s = step_seconds(lambda b: train_one_epoch(model, method, [b], opt, device, 0, progress=False,
-                                                             amp=amp, scaler=scaler), train_batches, device)
+            train_one_epoch(model, method, train_batches[:1], update, 0, progress=False)  # warm-up (cuDNN, allocator)
+            train_s = step_seconds(lambda b: train_one_epoch(model, method, [b], update, 0, progress=False),
+                                   train_batches, device)
             extract_features(model, eval_batches[:1], device, amp=amp)
             eval_s = step_seconds(lambda b: extract_features(model, [b], device, amp=amp), eval_batches, device)
             # Rates from the median step (robust to a stray slow step); the mean is kept too.

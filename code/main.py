@@ -11,8 +11,6 @@ the epoch chosen on val. Everything a run writes goes under --ckpt_path.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import platform
 import sys
 import time
@@ -25,12 +23,14 @@ from dnr import __version__
 from dnr import checkpoint as ckpt_io
 from dnr import distributed as dist
 from dnr.data import DATASETS, build_datasets
-from dnr.engine import AMP_DTYPES, evaluate, extract_features, train_one_epoch
+from dnr.engine import AMP_DTYPES, FeatureSource, evaluate, extract_features, forward_pass, metrics_of, train_one_epoch
 from dnr.logger import RunLogger, write_json
-from dnr.methods import METHODS, TrainContext, add_diagnosis_args, create_method, make_relearner
+from dnr.methods import METHODS, TrainContext, add_diagnosis_args, create_method
 from dnr.metrics import linear_probe_accuracy
-from dnr.models import ENCODERS, FUSIONS, create_model, encoder_options, unwrap
+from dnr.models import ENCODERS, FUSIONS, encoder_options
 from dnr.runtime import epoch_seed, pick_device, seed_everything, set_deterministic, worker_init
+from dnr.selection import Selection
+from dnr.stepping import Updater
 
 SPLIT_METRICS = ("acc", "macro_f1", "f1_weighted", "map")
 
@@ -135,6 +135,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse out-of-range values before anything is built (exit 2, naming the flag); the method
+    checks its own flags (and the diagnosis flags every method shares)."""
     rules = [
         (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
         (args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}"),
@@ -145,16 +147,16 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         (0 < args.lr_decay_ratio <= 1, f"--lr_decay_ratio must lie in (0, 1], got {args.lr_decay_ratio}"),
         (args.grad_clip >= 0, f"--grad_clip must be >= 0 (0 disables), got {args.grad_clip}"),
         (args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}"),
-        (args.move_lambda >= 0, f"--move_lambda must be >= 0, got {args.move_lambda}"),
-        (args.reinit_epoch >= 0, f"--reinit_epoch must be >= 0 (0 disables), got {args.reinit_epoch}"),
-        (args.reinit_num >= 0, f"--reinit_num must be >= 0, got {args.reinit_num}"),
-        (args.kmeans_n_init >= 1, f"--kmeans_n_init must be >= 1, got {args.kmeans_n_init}"),
         (not (args.amp == "fp16" and args.device == "cpu"),
          "--amp fp16 needs CUDA; on the CPU use --amp bf16"),
     ]
     for ok, message in rules:
         if not ok:
             p.error(message)
+    try:
+        METHODS[args.method].check_args(args)
+    except ValueError as err:
+        p.error(str(err))
     if args.data_path is not None and not Path(args.data_path).is_dir():
         p.error(f"--data_path {args.data_path!r} is not a folder")
     if args.ckpt_path is not None and Path(args.ckpt_path).exists() and not Path(args.ckpt_path).is_dir():
@@ -216,15 +218,6 @@ def fmt_metrics(m: dict, modalities) -> str:
     return f"acc {m['acc']:.4f} f1 {m['macro_f1']:.4f} mAP {m['map']:.4f}" + (f" [{uni}]" if uni else "")
 
 
-def fmt_diagnosis(d: dict) -> str:
-    rows = [f"  diagnosis after epoch {d['epoch']} ({'applied' if d['applied'] else 'recorded only'}, "
-            f"{d['seconds']:.1f}s):"]
-    for m, p in d["purity"].items():
-        rows.append(f"    {m:>10}: purity train {p['train']:.3f} val {p['val']:.3f}  "
-                    f"gap {d['gap'][m]:.3f}  strength {d['alpha'][m]:.3f}")
-    return "\n".join(rows)
-
-
 def versions() -> dict:
     import numpy
     import sklearn
@@ -235,41 +228,51 @@ def versions() -> dict:
             "sklearn": sklearn.__version__, "cuda": torch.version.cuda}
 
 
-def resolve_resume(args, out: Path):
-    if args.resume is None:
-        return None
-    path = out / "last.pth" if args.resume == "auto" else Path(args.resume)
-    if path.is_dir():
-        path = path / "last.pth"
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    return path
+def load_data(args, method: str, method_args=None):
+    """The dataset's splits, seen through the modalities `method` (with `method_args`, by default
+    `args`) trains on."""
+    splits = build_datasets(args.dataset, args)
+    seen = METHODS[method].select_modalities(method_args or args, splits.info)
+    return splits if list(seen) == splits.info.modality_names else splits.restrict(seen)
 
 
-def check_compatible(saved: dict, args, info) -> None:
-    """A checkpoint resumes only the run it came from: same dataset, method, modalities, classes."""
-    old = saved["args"]
-    for key in ("dataset", "method", "fusion"):
-        if old.get(key) != getattr(args, key):
-            raise ValueError(f"checkpoint was made with --{key} {old.get(key)!r}, this run has "
-                             f"{getattr(args, key)!r}; resume with the same setting")
-    if saved["info"] != info.to_dict():
-        raise ValueError(f"checkpoint's dataset description {saved['info']} differs from the current "
-                         f"data {info.to_dict()}")
+def model_args_of(args) -> dict:
+    """What rebuilds the model (stored in every checkpoint)."""
+    return {"fusion": args.fusion, "encoders": parse_encoders(args.encoders),
+            "encoder_options": encoder_options(args)}
+
+
+def place_model(args, net, device, d):
+    """`net` on `device` with the speed options; returns (net, the module the loop calls: net
+    itself or its DDP / compiled wrapper)."""
+    net = net.to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        for enc in net.encoders.values():
+            if hasattr(enc, "memory_format"):
+                enc.memory_format = torch.channels_last
+    if args.sync_bn and d.enabled:
+        if device.type != "cuda":
+            raise ValueError("--sync_bn needs CUDA processes (PyTorch's SyncBatchNorm has no CPU kernel)")
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    model = net
+    if d.enabled:
+        # DDP broadcasts rank 0's weights now, so the D&R snapshot taken after this is the same everywhere.
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    return net, model
 
 
 def run_eval_only(args, out: Path, device) -> dict:
-    path = Path(args.resume) if args.resume not in (None, "auto") else out / "best.pth"
-    if path.is_dir():
-        path = path / "best.pth"
+    path = ckpt_io.find_checkpoint(args.resume or "auto", out, "best.pth")
     saved = ckpt_io.load(path, map_location="cpu")
-    splits = build_datasets(args.dataset, args)
-    seen = METHODS[saved["args"]["method"]].select_modalities(argparse.Namespace(**saved["args"]), splits.info)
-    if list(seen) != splits.info.modality_names:
-        splits = splits.restrict(seen)
+    saved_args = argparse.Namespace(**saved["args"])
+    splits = load_data(args, saved_args.method, saved_args)
     if saved["info"] != splits.info.to_dict():
         raise ValueError(f"{path} was trained on {saved['info']}, not on the current data {splits.info.to_dict()}")
-    model = create_model(splits.info, **saved["model_args"]).to(device)
+    model = METHODS[saved_args.method].build_model(splits.info, **saved["model_args"]).to(device)
     model.load_state_dict(saved["model"])
     _, _, evals = make_loaders(args, splits, device)
     result = {"checkpoint": str(path), "epoch": saved["epoch"]}
@@ -284,71 +287,34 @@ def run_eval_only(args, out: Path, device) -> dict:
 
 def main(args: argparse.Namespace) -> dict:
     out = Path(args.ckpt_path or f"runs/{args.dataset}_{args.method}_seed{args.random_seed}")
-    progress = sys.stderr.isatty() if args.progress == "auto" else args.progress == "on"
     set_deterministic(args.deterministic)
     d = dist.init_distributed_mode(args.device)
-    device = pick_device(args.device)
-    if device.type == "cuda" and d.enabled:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = dist.process_device(pick_device(args.device))
     main_proc = d.is_main
-    progress = progress and main_proc
+    progress = main_proc and (sys.stderr.isatty() if args.progress == "auto" else args.progress == "on")
     amp = AMP_DTYPES[args.amp]
     if args.eval_only:
         return run_eval_only(args, out, device)
-    resume = resolve_resume(args, out)
-    if resume is None and (out / "last.pth").exists():
-        raise FileExistsError(f"{out} already holds a run (last.pth); pass --resume to continue it, or "
-                              f"choose another --ckpt_path")
+    resume = checkpoint_to_resume(args, out)
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
     seed_everything(args.random_seed)
 
-    splits = build_datasets(args.dataset, args)
-    seen = METHODS[args.method].select_modalities(args, splits.info)
-    if list(seen) != splits.info.modality_names:
-        splits = splits.restrict(seen)
+    splits = load_data(args, args.method)
     info = splits.info
-    model_args = {"fusion": args.fusion, "encoders": parse_encoders(args.encoders),
-                  "encoder_options": encoder_options(args)}
-    net = create_model(info, **model_args).to(device)
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-        for enc in net.encoders.values():
-            if hasattr(enc, "memory_format"):
-                enc.memory_format = torch.channels_last
-    model = net
-    if args.sync_bn and d.enabled:
-        if device.type != "cuda":
-            raise ValueError("--sync_bn needs CUDA processes (PyTorch's SyncBatchNorm has no CPU kernel)")
-        net = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    if d.enabled:
-        # DDP broadcasts rank 0's weights now, so the D&R snapshot below is the same everywhere.
-        model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
+    model_args = model_args_of(args)
+    net, model = place_model(args, METHODS[args.method].build_model(info, **model_args), device, d)
     method = create_method(args.method, args, net, info)  # D&R snapshots theta_init here
-    tracker = (make_relearner(args, net, info, apply=False)
-               if args.track_purity and args.method != "relearn" else None)
     optimizer, scheduler = build_optimizer(args, net)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-    progress_state = {"best_score": -math.inf, "best_epoch": -1, "best_val": None, "best_test": None,
-                      "best_test_acc": -math.inf, "best_test_epoch": -1, "diagnoses": [], "seconds": 0.0}
+    selection = Selection(args.select_on)
+    clock = {"seconds": 0.0}  # training time over every process of this run, resumes included
     start_epoch = 0
     if resume is not None:
         saved = ckpt_io.load(resume, map_location=device)
-        check_compatible(saved, args, info)
-        net.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        method.load_state_dict(saved["method"])
-        if tracker is not None and saved.get("tracker"):
-            tracker.load_state_dict(saved["tracker"])
-        progress_state = saved["progress"]
-        start_epoch = saved["epoch"] + 1
-        ckpt_io.set_rng_state(saved["rng"])
+        ckpt_io.check_resumable(saved, args, info)
+        start_epoch = ckpt_io.restore(saved, clock, model=net, optimizer=optimizer, scheduler=scheduler,
+                                      scaler=scaler, method=method, selection=selection)
         if main_proc:
             say(f"resumed {resume} after epoch {saved['epoch']}")
 
@@ -356,112 +322,122 @@ def main(args: argparse.Namespace) -> dict:
         write_json(out / "args.json", {**vars(args), "ckpt_path": str(out), "data": info.to_dict(),
                                         "world_size": d.world_size, "versions": versions(),
                                         "command": sys.argv})
-    tb_dir = args.tensorboard_path or str(out / "tensorboard")
-    logger = RunLogger(out, tb_dir, resume_epoch=start_epoch, enabled=main_proc)
+    logger = RunLogger(out, args.tensorboard_path or str(out / "tensorboard"), resume_epoch=start_epoch,
+                       enabled=main_proc)
     train_loader, train_sampler, evals = make_loaders(args, splits, device)
     eval_transform = splits.device_transform
     train_transform = eval_transform if args.train_augment else without_augmentation(eval_transform)
-    # A diagnosis after an epoch clusters the features of the model just evaluated on val: that
-    # evaluation keeps them (this epoch only, before anything changes the weights), which spares
-    # one pass over val per diagnosis.
-    epoch_features: dict = {}
-
-    def features_of(split):
-        if split in epoch_features:
-            return epoch_features[split]
-        return extract_features(model, evals[split], device, amp=amp, progress=progress,
-                                desc=f"features {split}", device_transform=eval_transform)
-
-    ctx = TrainContext(model=net, device=device, info=info, args=args, extract_features=features_of,
-                       is_main=main_proc, broadcast=dist.broadcast_object)
-    n_params = sum(p.numel() for p in net.parameters())
+    update = Updater(model, optimizer, device, amp=amp, scaler=scaler, grad_clip=args.grad_clip)
+    features = FeatureSource(model, evals, device, amp=amp, progress=progress, device_transform=eval_transform)
+    ctx = TrainContext(model=net, device=device, info=info, args=args, extract_features=features,
+                       is_main=main_proc, broadcast=dist.broadcast_object, out=out,
+                       run_stage=lambda name, **flags: run_stage(args, out, name, **flags))
     if main_proc:
-        say(f"{args.method} on {info.name}: {len(splits.train)}/{len(splits.val)}/{len(splits.test)} "
-            f"train/val/test samples, {info.num_classes} classes, modalities "
-            + ", ".join(f"{s.name} {tuple(s.shape)} ({net.encoder_names[s.name]})" for s in info.modalities)
-            + f"; {n_params / 1e6:.1f}M parameters; {args.fusion} fusion; device {device}"
-            + (f" x {d.world_size} processes" if d.enabled else "") + f"; output {out}")
+        say(describe_run(args, splits, net, device, d, out))
+    method.before_training(ctx)
 
-    modalities = info.modality_names
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         seed = epoch_seed(args.random_seed, epoch)
         seed_everything(seed + d.rank)  # augmentation differs per process, shuffling does not
-        train_sampler.set_seed(seed)
+        train_sampler.set_epoch(seed, method.epoch_indices(epoch, ctx))
         method.on_epoch_start(epoch, ctx)
-        train_stats = train_one_epoch(model, method, train_loader, optimizer, device, epoch,
-                                      grad_clip=args.grad_clip, progress=progress, amp=amp, scaler=scaler,
+        train_stats = train_one_epoch(model, method, train_loader, update, epoch, progress=progress,
                                       device_transform=train_transform)
-        kept: dict = {}
-        val = evaluate(model, evals["val"], device, info.num_classes, amp=amp, device_transform=eval_transform,
-                       features_out=kept)
-        epoch_features["val"] = (kept["features"], kept["labels"])
+        val_pass = forward_pass(model, evals["val"], device, features=True, amp=amp, device_transform=eval_transform)
+        val = metrics_of(val_pass, info.num_classes)
+        features.keep("val", val_pass)  # what a diagnosis after this epoch clusters
         test = evaluate(model, evals["test"], device, info.num_classes, amp=amp, device_transform=eval_transform)
         scheduler.step()
 
         # Model selection comes before any re-initialisation at this epoch's end: best.pth holds
         # the weights that produced these numbers.
-        score = val["acc"] if args.select_on == "val" else test["acc"]
-        is_best = score > progress_state["best_score"]
-        if is_best:
-            progress_state.update(best_score=score, best_epoch=epoch, best_val=val, best_test=test)
-            if main_proc:
-                ckpt_io.save_atomic({"model": net.state_dict(), "epoch": epoch, "model_args": model_args,
-                                     "info": info.to_dict(), "args": vars(args), "val": val, "test": test},
-                                    out / "best.pth")
-        if test["acc"] > progress_state["best_test_acc"]:
-            progress_state.update(best_test_acc=test["acc"], best_test_epoch=epoch)
-
-        record = {"epoch": epoch, "train": train_stats, "val": val, "test": test}
+        is_best = selection.update(epoch, val, test)
+        if is_best and main_proc:
+            ckpt_io.save_atomic(dict(model=net.state_dict(), epoch=epoch, model_args=model_args, info=info.to_dict(),
+                                     args=vars(args), val=val, test=test), out / "best.pth")
         extra = method.on_epoch_end(epoch, ctx)
-        if tracker is not None:  # never beside relearn, so no re-init has changed the weights here
-            diag = tracker.step(epoch, ctx.extract_features, compute=main_proc, share=dist.broadcast_object)
-            if diag is not None:
-                extra["diagnosis"] = diag.to_dict()
-        epoch_features.clear()  # the weights may change from here on
-        record.update(extra)
-        if "diagnosis" in record:
-            progress_state["diagnoses"].append(record["diagnosis"])
+        features.clear()  # the weights may change from here on
+        diagnosis = extra.pop("diagnosis", None)
+        record = {"epoch": epoch, "train": train_stats, "val": val, "test": test, **extra}
+        if diagnosis is not None:
+            record["diagnosis"] = diagnosis.to_dict()
         record["seconds"] = time.perf_counter() - t0
-        progress_state["seconds"] += record["seconds"]
+        clock["seconds"] += record["seconds"]
         logger.log_epoch(record)
         if main_proc:
-            ckpt_io.save_atomic({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(),
-                                 "scaler": scaler.state_dict() if scaler is not None else None,
-                                 "epoch": epoch, "args": vars(args),
-                                 "model_args": model_args, "info": info.to_dict(), "method": method.state_dict(),
-                                 "tracker": tracker.state_dict() if tracker is not None else None,
-                                 "progress": progress_state, "rng": ckpt_io.rng_state()},
-                                out / "last.pth")
-            say(f"epoch {epoch:3d}/{args.epochs} loss {train_stats['loss']:.4f} train acc {train_stats['acc']:.3f} | "
-                f"val {fmt_metrics(val, modalities)} | test acc {test['acc']:.4f} | "
-                f"{record['seconds']:.1f}s{' *' if is_best else ''}")
-            if "diagnosis" in record:
-                say(fmt_diagnosis(record["diagnosis"]))
+            ckpt_io.save_atomic(ckpt_io.training_state(
+                epoch, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler, method=method,
+                selection=selection, seconds=clock["seconds"], args=vars(args), model_args=model_args,
+                info=info.to_dict()), out / "last.pth")
+            say(epoch_line(record, args.epochs, info.modality_names, is_best))
+            if diagnosis is not None:
+                say(diagnosis.summary())
         dist.barrier()  # a resumed run must find this epoch's checkpoint complete on every process
     logger.close()
 
     finish_start = time.perf_counter()
-    results = finalize(args, out, model, net, splits, evals, device, progress_state, model_args, amp)
-    # Training time summed over every process of this run (resumes included), plus this finish.
-    results["seconds"] = progress_state["seconds"] + (time.perf_counter() - finish_start)
+    results = finalize(args, out, model, net, splits, evals, device, selection, method, model_args, amp)
+    results["seconds"] = clock["seconds"] + (time.perf_counter() - finish_start)
     if main_proc:
         write_json(out / "results.json", results)
-        say(f"selected epoch {results['best_epoch']} (on {args.select_on}): "
+        say(results_line(results, out))
+    dist.barrier()
+    return results
+
+
+def checkpoint_to_resume(args, out: Path):
+    """The last.pth that --resume names, or None for a new run; a new run never overwrites one."""
+    resume = ckpt_io.find_checkpoint(args.resume, out, "last.pth")
+    if resume is not None and not resume.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {resume}")
+    if resume is None and (out / "last.pth").exists():
+        raise FileExistsError(f"{out} already holds a run (last.pth); pass --resume to continue it, or "
+                              f"choose another --ckpt_path")
+    return resume
+
+
+def describe_run(args, splits, net, device, d, out) -> str:
+    info = splits.info
+    return (f"{args.method} on {info.name}: {len(splits.train)}/{len(splits.val)}/{len(splits.test)} "
+            f"train/val/test samples, {info.num_classes} classes, modalities "
+            + ", ".join(f"{s.name} {tuple(s.shape)} ({net.encoder_names[s.name]})" for s in info.modalities)
+            + f"; {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters; {args.fusion} fusion; "
+            f"device {device}" + (f" x {d.world_size} processes" if d.enabled else "") + f"; output {out}")
+
+
+def epoch_line(record: dict, epochs: int, modalities, is_best: bool) -> str:
+    train = record["train"]
+    return (f"epoch {record['epoch']:3d}/{epochs} loss {train['loss']:.4f} train acc {train['acc']:.3f} | "
+            f"val {fmt_metrics(record['val'], modalities)} | test acc {record['test']['acc']:.4f} | "
+            f"{record['seconds']:.1f}s{' *' if is_best else ''}")
+
+
+def results_line(results: dict, out: Path) -> str:
+    return (f"selected epoch {results['best_epoch']} (on {results['select_on']}): "
             f"val acc {results['val']['acc']:.4f}, test acc {results['test']['acc']:.4f}, "
             f"macro-F1 {results['test']['macro_f1']:.4f}, mAP {results['test']['map']:.4f}; "
             f"per-modality test acc ({results['unimodal_source']}) "
             + ", ".join(f"{m} {a:.4f}" for m, a in results["unimodal_test_acc"].items())
             + f"; best test acc over epochs {results['best_test_acc']:.4f} (epoch {results['best_test_epoch']}, "
             f"test-selected, for comparison with the authors); results in {out / 'results.json'}")
-    dist.barrier()
-    return results
 
 
-def finalize(args, out, model, net, splits, evals, device, state, model_args, amp=None) -> dict:
+def run_stage(args, out: Path, name: str, **flags) -> Path:
+    """A method's earlier stage (e.g. uni-modal teachers): this trainer with `flags` changed, into
+    <out>/<name>. A finished stage (results.json) is re-read, a cut one resumed."""
+    folder = out / name
+    if (folder / "results.json").exists():
+        return folder
+    stage = argparse.Namespace(**{**vars(args), **flags, "ckpt_path": str(folder), "tensorboard_path": None,
+                                  "resume": "auto" if (folder / "last.pth").exists() else None})
+    main(stage)
+    return folder
+
+
+def finalize(args, out, model, net, splits, evals, device, selection, method, model_args, amp=None) -> dict:
     info = splits.info
-    best_val, best_test = state["best_val"], state["best_test"]
+    best_val, best_test = selection.best_val, selection.best_test
     probe = {}
     if args.probe:
         dist.barrier()  # best.pth is written by the first process
@@ -488,16 +464,16 @@ def finalize(args, out, model, net, splits, evals, device, state, model_args, am
         "num_classes": info.num_classes,
         "epochs": args.epochs,
         "select_on": args.select_on,
-        "best_epoch": state["best_epoch"],
+        "best_epoch": selection.best_epoch,
         "val": {k: best_val[k] for k in SPLIT_METRICS},
         "test": {k: best_test[k] for k in SPLIT_METRICS},
-        "best_test_acc": state["best_test_acc"],
-        "best_test_epoch": state["best_test_epoch"],
+        "best_test_acc": selection.best_test_acc,
+        "best_test_epoch": selection.best_test_epoch,
         "unimodal_test_acc": unimodal,
         "unimodal_source": source,
         "unimodal_val_acc": {m: best_val[f"acc_{m}"] for m in info.modality_names if f"acc_{m}" in best_val},
         "probe_test_acc": probe,
-        "diagnoses": state["diagnoses"],
+        "diagnoses": method.diagnoses(),
         "model_args": model_args,
         "device": str(device),
         "world_size": dist.info().world_size,

@@ -14,6 +14,7 @@ from dnr.data import build_datasets  # noqa: E402
 from dnr.engine import extract_features, train_one_epoch  # noqa: E402
 from dnr.methods import TrainContext, create_method  # noqa: E402
 from dnr.models import create_model  # noqa: E402
+from dnr.stepping import Updater  # noqa: E402
 
 
 def flat(module):
@@ -37,9 +38,9 @@ def main():
     ctx = TrainContext(model=net, device="cpu", info=splits.info, args=args,
                        extract_features=lambda s: extract_features(model, evals[s], "cpu"),
                        is_main=d.is_main, broadcast=dist.broadcast_object)
-    sampler.set_seed(0)
+    sampler.set_epoch(0)
     torch.manual_seed(100 + d.rank)  # augmentation differs per process
-    train_one_epoch(model, method, train_loader, optimizer, "cpu", 0, progress=False)
+    train_one_epoch(model, method, train_loader, Updater(model, optimizer, "cpu"), 0, progress=False)
     before = flat(net)
     record = method.on_epoch_end(1, ctx)["diagnosis"]
     after = flat(net)
@@ -47,7 +48,7 @@ def main():
     torch.distributed.all_gather(gathered, after)
     feats, labels = ctx.extract_features("val")
     (out / f"rank{d.rank}.json").write_text(json.dumps({
-        "rank": d.rank, "world": d.world_size, "alpha": record["alpha"],
+        "rank": d.rank, "world": d.world_size, "alpha": record.alpha,
         "moved": float((after - before).abs().max()),
         "identical": all(torch.equal(g, gathered[0]) for g in gathered),
         "val_labels": labels.tolist(), "val_features": int(feats["audio"].shape[0]),

@@ -128,7 +128,8 @@ def test_missing_or_stale_cache_is_refused_naming_the_file_and_the_command(prepa
     (out / "manifest.json").write_text(manifest)
 
     data_path.write_bytes(good[:-100])  # an interrupted copy
-    with pytest.raises(ValueError, match=rf"{data_path} holds {len(good) - 100} bytes, the description says {len(good)}"):
+    expected = rf"{data_path} holds {len(good) - 100} bytes, the description says {len(good)}"
+    with pytest.raises(ValueError, match=expected):
         build_datasets("cremad", cremad_args(out, "gpu"))
     data_path.write_bytes(b"\x07" * 50 + good[50:])  # another content of the right size
     with pytest.raises(ValueError, match=rf"the content of {data_path} does not match its description"):

@@ -38,3 +38,11 @@ def test_compare_rejects_unknown_method_and_empty_folder(tmp_path, capsys):
     assert "unknown ['magic']" in capsys.readouterr().err
     assert compare.main(["--out", str(tmp_path), "--report_only"]) == 1
     assert "no finished run" in capsys.readouterr().err
+
+
+def test_compare_takes_its_methods_from_the_registry(root):
+    """One list of methods: the registry. Neither script keeps a second one by hand."""
+    from dnr.methods import METHODS
+
+    assert compare.ALL == list(METHODS)
+    assert "METHODS:-" not in (root / "script" / "compare.sh").read_text()

@@ -76,7 +76,7 @@ def test_fbank_recipe_pads_cuts_and_normalises():
     feats = audio.fbank_features(x, sr, target_frames=64)
     raw = direct_kaldi_fbank(x, sr)  # 48 frames: padded with zeros up to 64
     assert feats.shape == (1, 128, 64) and feats.dtype == np.float32
-    expected = np.concatenate([raw, np.zeros((64 - raw.shape[0], 128))]) 
+    expected = np.concatenate([raw, np.zeros((64 - raw.shape[0], 128))])
     expected = (expected + 4.503877) / (2 * 5.141276)
     np.testing.assert_allclose(feats[0].T, expected, atol=1e-5)
     # A 1 kHz tone peaks in the mel bin whose centre is nearest to 1 kHz.
@@ -121,7 +121,8 @@ def test_rgb_and_flow_transforms():
     v = Image.fromarray(np.full((24, 40), 128 - 32, np.uint8))
     x = transforms.flow_to_tensor(u, v, 16, train=False)
     assert x.shape == (2, 16, 16)
-    assert torch.allclose(x[0], torch.full((16, 16), 64 / 127)) and torch.allclose(x[1], torch.full((16, 16), -32 / 127))
+    assert torch.allclose(x[0], torch.full((16, 16), 64 / 127))
+    assert torch.allclose(x[1], torch.full((16, 16), -32 / 127))
     signs = set()
     for seed in range(12):
         torch.manual_seed(seed)

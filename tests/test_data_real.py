@@ -323,7 +323,8 @@ def test_cremad_loader_and_one_training_epoch(cremad_prepared, tmp_path):
         assert v.shape == (2, 3, 32, 32)
         pixels = (v * std[None, :, None, None] + mean[None, :, None, None]) * 255
         for seg in (0, 1):
-            seen[seg].add(min((level(p) for p in (5, 15, 24)), key=lambda lv: abs(lv - float(pixels[seg].quantile(0.1)))))
+            dark = float(pixels[seg].quantile(0.1))
+            seen[seg].add(min((level(p) for p in (5, 15, 24)), key=lambda lv: abs(lv - dark)))
     assert seen == {0: {level(5)}, 1: {level(15), level(24)}}
     data = train_one_epoch("cremad", out, tmp_path, ["--cremad_image_size", "32", "--cremad_audio", "stft",
                                                      "--cremad_split", "actor"])
@@ -395,7 +396,7 @@ def test_kinetics_sounds_from_lists(tmp_path, capsys):
     assert "15 clips found; 15 written, 0 skipped (already done), 0 failed, 1 listed but missing" in text
     m = json.loads((out / "manifest.json").read_text())
     assert m["classes"] == sorted(KS_CLASSES) and "gone_000000_000010" in m["missing"]
-    assert m["splits"]["default"]["train"] == 9 and m["splits"]["default"]["val"] == 3 and m["splits"]["default"]["test"] == 3
+    assert (m["splits"]["default"]["train"], m["splits"]["default"]["val"], m["splits"]["default"]["test"]) == (9, 3, 3)
     val = (out / "splits/default/val.csv").read_text().splitlines()[1:]
     assert sorted(r.split(",")[1] for r in val) == sorted(KS_CLASSES)  # one per class
     name = "yt10-_x_000000_000010"

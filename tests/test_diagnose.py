@@ -11,6 +11,8 @@ from torch import nn
 
 from dnr.diagnose import (
     Relearner,
+    TanhGap,
+    gap_strengths,
     diagnose_purity,
     kmeans,
     minmax_scale,
@@ -251,7 +253,7 @@ def test_relearner_step_applies_each_modality_its_own_strength():
     for m in enc:
         gap = abs(d.purity[m]["train"] - d.purity[m]["val"])
         assert d.gap[m] == pytest.approx(gap)
-        assert d.alpha[m] == pytest.approx(math.tanh(3.0 * gap))
+        assert d.alpha[m] == pytest.approx(relearn_strength(d.purity[m]["train"], d.purity[m]["val"], 3.0))
         for k, p in enc[m].named_parameters():
             a = d.alpha[m]
             assert torch.allclose(p, a * r.init_states[m][k] + (1 - a) * current[m][k], atol=1e-6)
@@ -269,3 +271,47 @@ def test_relearner_reports_missing_modality_features():
     y = torch.tensor([0, 1, 0, 1])
     with pytest.raises(KeyError, match="no features for modality 'b'"):
         r.step(1, lambda split: ({"a": torch.randn(4, 2)}, y))
+
+
+def test_strength_rule_sees_every_modality_and_reinit_rule_is_swappable():
+    """The rules are arguments: a strength that compares modalities, a re-init of some layers."""
+    torch.manual_seed(0)
+    enc = {"a": nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), "b": nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))}
+    seen = []
+
+    def relative(purity):  # strength from the gap relative to the largest gap (compares modalities)
+        seen.append({m: dict(p) for m, p in purity.items()})
+        gaps = {m: abs(p["train"] - p["val"]) for m, p in purity.items()}
+        top = max(gaps.values()) or 1.0
+        return {m: 0.5 * g / top for m, g in gaps.items()}
+
+    def last_layer_only(module, init_state, alpha, *, buffers=False):
+        soft_reinit_(module[1], {k[2:]: v for k, v in init_state.items() if k.startswith("1.")}, alpha)
+
+    r = Relearner(enc, n_clusters=2, reinit_epoch=1, strength=relative, reinit=last_layer_only)
+    with torch.no_grad():
+        for e in enc.values():
+            for p in e.parameters():
+                p.add_(1.0)
+    moved = {m: {k: v.clone() for k, v in e.state_dict().items()} for m, e in enc.items()}
+    y = torch.arange(2).repeat_interleave(10)
+    g = torch.Generator().manual_seed(0)
+    feats = {"a": y[:, None] * 5.0 + 0.1 * torch.randn(20, 3, generator=g), "b": torch.randn(20, 3, generator=g)}
+    d = r.step(1, lambda split: (feats if split == "train" else {"a": torch.randn(20, 3, generator=g),
+                                                                  "b": torch.randn(20, 3, generator=g)}, y))
+    assert len(seen) == 1 and set(seen[0]) == {"a", "b"}  # one call with every modality's purities
+    assert max(d.alpha.values()) == pytest.approx(0.5)
+    for m, e in enc.items():
+        a = d.alpha[m]
+        state = e.state_dict()
+        assert torch.equal(state["0.weight"], moved[m]["0.weight"])  # the first layer is left alone
+        assert torch.allclose(state["1.weight"], a * r.init_states[m]["1.weight"] + (1 - a) * moved[m]["1.weight"])
+    # The default rule is the paper's, for every modality at once.
+    purity = {"a": {"train": 0.9, "val": 0.6}, "b": {"train": 0.5, "val": 0.45}}
+    assert TanhGap(3.0)(purity) == gap_strengths(purity, 3.0)
+    assert gap_strengths(purity, 3.0) == {m: relearn_strength(p["train"], p["val"], 3.0) for m, p in purity.items()}
+    with pytest.raises(ValueError, match="--move_lambda"):
+        TanhGap(-1.0)
+    with pytest.raises(KeyError, match="strength rule returned"):
+        Relearner(enc, n_clusters=2, reinit_epoch=1, strength=lambda p: {"a": 0.1}).diagnose(
+            (feats, y), (feats, y))

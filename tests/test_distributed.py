@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import CODE, ROOT, TINY
 
@@ -15,10 +14,10 @@ def test_samplers_split_global_batches_and_shard_without_padding():
     from dnr.distributed import EpochBatchSampler, ShardSampler
 
     one = EpochBatchSampler(21, 8, 0, 1)
-    one.set_seed(5)
+    one.set_epoch(5)
     parts = [EpochBatchSampler(21, 4, r, 2) for r in range(2)]
     for p in parts:
-        p.set_seed(5)
+        p.set_epoch(5)
     glob = list(one)
     assert [len(b) for b in glob] == [8, 8, 5]
     for step, batch in enumerate(glob):
@@ -63,7 +62,7 @@ def test_torchrun_end_to_end_matches_single_process(tmp_path):
     assert [d["purity"] for d in b["diagnoses"]] == [d["purity"] for d in a["diagnoses"]]
     assert b["best_epoch"] == a["best_epoch"] and b["test"]["acc"] == a["test"]["acc"]
     assert b["probe_test_acc"] == pytest.approx(a["probe_test_acc"], abs=0.051)
-    logs = [[json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()] for run in (single, multi)]
+    logs = [[json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for run in (single, multi)]
     for x, y in zip(*logs):
         assert y["train"]["loss"] == pytest.approx(x["train"]["loss"], rel=1e-4)
         for split in ("val", "test"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import CODE, TINY
+from dnr.diagnose import relearn_strength
 from dnr.methods import METHODS
 
 sys.path.insert(0, str(CODE))
@@ -63,7 +64,7 @@ def test_method_end_to_end_with_diagnosis(method, tmp_path, monkeypatch):
             p = d["purity"][m]
             assert 0.0 < p["train"] <= 1.0 and 0.0 < p["val"] <= 1.0
             assert d["gap"][m] == pytest.approx(abs(p["train"] - p["val"]))
-            assert d["alpha"][m] == pytest.approx(torch.tanh(torch.tensor(3.0 * d["gap"][m])).item(), abs=1e-6)
+            assert d["alpha"][m] == pytest.approx(relearn_strength(p["train"], p["val"], 3.0))
     log = read_log(out)
     assert [r["epoch"] for r in log] == [0, 1, 2]
     assert {"train", "val", "test", "seconds"} <= set(log[0])
@@ -76,27 +77,28 @@ def test_method_end_to_end_with_diagnosis(method, tmp_path, monkeypatch):
 def test_diagnosis_takes_val_features_from_the_evaluation(tmp_path, monkeypatch):
     """The val features of a diagnosis come from that epoch's val evaluation (one pass fewer), and
     are exactly what a separate extraction of the same model would give."""
-    real_evaluate, real_extract = trainer.evaluate, trainer.extract_features
+    from dnr import engine
+
+    real_pass, real_extract = engine.forward_pass, engine.extract_features
     extracted, checked = [], []
 
-    def evaluate(model, loader, device, num_classes, **kw):
-        stats = real_evaluate(model, loader, device, num_classes, **kw)
-        if kw.get("features_out") is not None:
+    def forward_pass(model, loader, device, **kw):
+        out = real_pass(model, loader, device, **kw)
+        if kw.get("features") and kw.get("head", True):  # the trainer's val evaluation
             fresh, labels = real_extract(model, loader, device, device_transform=kw.get("device_transform"))
-            kept = kw["features_out"]
-            assert set(kept["features"]) == set(fresh) == {"audio", "visual"}
+            assert set(out.features) == set(fresh) == {"audio", "visual"}
             for m in fresh:
-                assert torch.equal(kept["features"][m], fresh[m])
-            assert torch.equal(kept["labels"], labels)
+                assert torch.equal(out.features[m], fresh[m])
+            assert torch.equal(out.labels, labels)
             checked.append(len(labels))
-        return stats
+        return out
 
     def extract(model, loader, device, **kw):
         extracted.append(kw.get("desc", ""))
         return real_extract(model, loader, device, **kw)
 
-    monkeypatch.setattr(trainer, "evaluate", evaluate)
-    monkeypatch.setattr(trainer, "extract_features", extract)
+    monkeypatch.setattr(trainer, "forward_pass", forward_pass)
+    monkeypatch.setattr(engine, "extract_features", extract)
     rc, out = run(["--method", "relearn", "--epochs", "3", "--reinit_epoch", "1", "--reinit_num", "2"], tmp_path)
     assert rc == 0
     assert checked == [20, 20, 20]  # every epoch's val evaluation kept its features
@@ -242,10 +244,11 @@ def test_existing_run_is_not_overwritten_and_corrupt_checkpoint_is_named(tmp_pat
 
 
 def test_non_finite_loss_names_epoch_and_step():
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
 
     from dnr.engine import train_one_epoch
     from dnr.methods import Method
+    from dnr.stepping import Updater
 
     class Exploding(Method):
         def loss(self, out, labels, epoch):
@@ -264,5 +267,5 @@ def test_non_finite_loss_names_epoch_and_step():
     model = Lin()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(FloatingPointError, match="at epoch 7, step 0"):
-        train_one_epoch(model, Exploding(None, model, None), DataLoader(data, batch_size=2), opt, "cpu", 7,
-                        progress=False)
+        train_one_epoch(model, Exploding(None, model, None), DataLoader(data, batch_size=2),
+                        Updater(model, opt, "cpu"), 7, progress=False)

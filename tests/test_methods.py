@@ -16,7 +16,8 @@ from dnr.methods.opm import drop_probabilities
 from dnr.methods.pmr import class_prototypes, prototype_logits
 from dnr.models import ModelOutput, create_model
 
-INFO = DatasetInfo("vec", ("a", "b", "c"), (ModalitySpec("audio", "vector", (6,)), ModalitySpec("visual", "vector", (6,))))
+INFO = DatasetInfo("vec", ("a", "b", "c"),
+                   (ModalitySpec("audio", "vector", (6,)), ModalitySpec("visual", "vector", (6,))))
 INFO3 = DatasetInfo("vec3", ("a", "b", "c"), INFO.modalities + (ModalitySpec("text", "vector", (4,)),))
 
 

@@ -1,15 +1,18 @@
 """Checkpoints: one dict per file, written atomically, loaded with weights_only=True.
 
-A checkpoint holds everything a resumed run needs to continue exactly: model, optimiser,
-scheduler, the epoch just finished, the arguments, RNG states, the method's state (for D&R the
-init snapshot and the number of re-initialisations done) and the model-selection state.
+A training checkpoint (`last.pth`) holds everything a resumed run needs to continue exactly:
+model, optimiser, scheduler, scaler, the epoch just finished, the arguments, RNG states, the
+method's state (for D&R the init snapshot and the number of re-initialisations done) and the
+model-selection state. Its keys are made and read in one place, `training_state` / `restore`
+(as DINO's restart_from_checkpoint): an object with `state_dict()` is stored under its keyword,
+anything else as it is.
 """
 from __future__ import annotations
 
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -72,3 +75,50 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(epoch: int, **objects: Any) -> Dict[str, Any]:
+    """{"epoch": epoch, "rng": every RNG state, key: obj.state_dict() or obj} for the keywords;
+    None stays None (e.g. no gradient scaler)."""
+    state: Dict[str, Any] = {"epoch": int(epoch), "rng": rng_state()}
+    for key, obj in objects.items():
+        state[key] = obj.state_dict() if hasattr(obj, "state_dict") else obj
+    return state
+
+
+def restore(saved: Dict[str, Any], run_variables: Optional[Dict[str, Any]] = None, **objects: Any) -> int:
+    """Load `saved[key]` into every keyword object (None objects are skipped), copy the values of
+    `run_variables`' keys out of `saved`, set the RNG states; returns the epoch to start from."""
+    for key, obj in objects.items():
+        if obj is None:
+            continue
+        if saved.get(key) is None:
+            raise KeyError(f"the checkpoint holds no {key!r} state")
+        obj.load_state_dict(saved[key])
+    for key in run_variables or {}:
+        if key in saved:
+            run_variables[key] = saved[key]
+    set_rng_state(saved["rng"])
+    return int(saved["epoch"]) + 1
+
+
+def find_checkpoint(arg: Optional[str], out: Path, name: str) -> Optional[Path]:
+    """The file a --resume / --eval_only argument names: None -> None, "auto" -> out/name, a folder
+    -> folder/name, else the path itself. Missing files are the caller's to report."""
+    if arg is None:
+        return None
+    path = out / name if arg == "auto" else Path(arg)
+    return path / name if path.is_dir() else path
+
+
+def check_resumable(saved: Dict[str, Any], args, info) -> None:
+    """A checkpoint resumes only the run it came from: same dataset, method, fusion, and the same
+    data description (modalities, shapes, classes)."""
+    old = saved["args"]
+    for key in ("dataset", "method", "fusion"):
+        if old.get(key) != getattr(args, key):
+            raise ValueError(f"checkpoint was made with --{key} {old.get(key)!r}, this run has "
+                             f"{getattr(args, key)!r}; resume with the same setting")
+    if saved["info"] != info.to_dict():
+        raise ValueError(f"checkpoint's dataset description {saved['info']} differs from the current "
+                         f"data {info.to_dict()}")

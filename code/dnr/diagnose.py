@@ -6,9 +6,13 @@ Pure functions:
     kmeans(x, k, n_init=10, max_iter=300, seed=0)  k-means++ and Lloyd in torch, on x's device
     diagnose_purity(features, labels, n_clusters)  scale -> k-means -> purity
     relearn_strength(purity_train, purity_val, lam) tanh(lam * |gap|)
+    gap_strengths(purity, lam)                     that strength for every modality at once
     soft_reinit_(module, init_state, alpha)        theta <- alpha * theta_init + (1 - alpha) * theta
 and one class, `Relearner`, that snapshots the encoders, decides when to diagnose, applies the
-strengths and keeps a record of every diagnosis.
+strengths and keeps a record of every diagnosis. Its two rules can be swapped:
+`strength(purity) -> {modality: alpha}` sees every modality's purities at once (so a rule may
+compare modalities), and `reinit(encoder, init_state, alpha)` may touch only some layers; the
+defaults are the paper's (`TanhGap(lam)` and `soft_reinit_`).
 
 The method, in the paper's steps:
   1. snapshot every encoder before the first optimisation step (theta_init);
@@ -35,6 +39,9 @@ __all__ = [
     "kmeans",
     "diagnose_purity",
     "relearn_strength",
+    "gap_strengths",
+    "TanhGap",
+    "check_lam",
     "soft_reinit_",
     "snapshot",
     "Diagnosis",
@@ -253,14 +260,41 @@ def diagnose_purity(
     return purity_score(y, clusters.cpu())
 
 
+def check_lam(lam: float) -> None:
+    """The one check of lambda (the trainer's --move_lambda)."""
+    if not lam >= 0:
+        raise ValueError(f"lam (--move_lambda) must be >= 0, got {lam}")
+
+
 def relearn_strength(purity_train: float, purity_val: float, lam: float) -> float:
     """Re-learning strength a = tanh(lam * |purity_train - purity_val|), in [0, 1)."""
     for name, p in (("purity_train", purity_train), ("purity_val", purity_val)):
         if not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {p}")
-    if lam < 0:
-        raise ValueError(f"lam (--move_lambda) must be >= 0, got {lam}")
+    check_lam(lam)
     return math.tanh(lam * abs(float(purity_train) - float(purity_val)))
+
+
+Purities = Mapping[str, Mapping[str, float]]  # modality -> {"train": p, "val": p}
+
+
+def gap_strengths(purity: Purities, lam: float) -> Dict[str, float]:
+    """The paper's rule for every modality: a_k = tanh(lam * |P_k(D) - P_k(V)|), each modality on
+    its own (nothing is normalised across modalities)."""
+    return {m: relearn_strength(p["train"], p["val"], lam) for m, p in purity.items()}
+
+
+@dataclass(frozen=True)
+class TanhGap:
+    """The default strength rule of `Relearner`: `gap_strengths` with a fixed lambda."""
+
+    lam: float = 3.0
+
+    def __post_init__(self):
+        check_lam(self.lam)
+
+    def __call__(self, purity: Purities) -> Dict[str, float]:
+        return gap_strengths(purity, self.lam)
 
 
 def snapshot(module: nn.Module, *, buffers: bool = False) -> Dict[str, Tensor]:
@@ -313,6 +347,19 @@ class Diagnosis:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def summary(self) -> str:
+        """A few lines for a log: purity per modality and split, gap and strength."""
+        rows = [f"  diagnosis after epoch {self.epoch} ({'applied' if self.applied else 'recorded only'}, "
+                f"{self.seconds:.1f}s):"]
+        for m, p in self.purity.items():
+            rows.append(f"    {m:>10}: purity train {p['train']:.3f} val {p['val']:.3f}  "
+                        f"gap {self.gap[m]:.3f}  strength {self.alpha[m]:.3f}")
+        return "\n".join(rows)
+
+
+StrengthRule = Callable[[Purities], Dict[str, float]]
+ReinitRule = Callable[..., None]  # (encoder, init_state, alpha, *, buffers) -> None, in place
+
 
 FeatureFn = Callable[[str], Tuple[Mapping[str, Tensor], Tensor]]
 
@@ -331,6 +378,12 @@ class Relearner:
         for epoch in range(epochs):
             train_one_epoch(...)
             record = relearner.step(epoch, extract)   # None when no diagnosis is due
+
+    The rules are arguments: `strength(purity) -> {modality: alpha}` gets every modality's train
+    and val purities at once (default `TanhGap(lam)`, the paper's), and `reinit(encoder,
+    init_state, alpha, buffers=...)` moves one encoder in place (default `soft_reinit_`, every
+    parameter). E.g. a strength relative to the other modalities, or a re-init of the last
+    stage only, is one function passed here.
     """
 
     encoders: Mapping[str, nn.Module]
@@ -343,6 +396,8 @@ class Relearner:
     kmeans_backend: str = "torch"
     reinit_buffers: bool = False
     apply: bool = True  # False: diagnose and record only (a "diagnose-only" ablation)
+    strength: Optional[StrengthRule] = None  # None: TanhGap(lam)
+    reinit: ReinitRule = soft_reinit_
     init_states: Dict[str, Dict[str, Tensor]] = field(default_factory=dict)
     num_reinits: int = 0
     history: list = field(default_factory=list)
@@ -352,12 +407,12 @@ class Relearner:
             raise ValueError("Relearner needs at least one encoder")
         if self.n_clusters < 2:
             raise ValueError(f"n_clusters must be >= 2, got {self.n_clusters}")
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
         if self.kmeans_backend not in KMEANS_BACKENDS:
             raise ValueError(
                 f"unknown kmeans_backend {self.kmeans_backend!r}; choose one of {KMEANS_BACKENDS}"
             )
+        if self.strength is None:
+            self.strength = TanhGap(self.lam)  # checks lam
         self.encoders = dict(self.encoders)
         if not self.init_states:
             self.init_states = {
@@ -383,9 +438,10 @@ class Relearner:
         val: Tuple[Mapping[str, Tensor], Tensor],
         epoch: int = -1,
     ) -> Diagnosis:
-        """Purities on both splits, their gap and the strength, per modality. Changes nothing."""
+        """Purities of every modality on both splits, then the strengths from all of them.
+        Changes nothing."""
         start = time.perf_counter()
-        purity, gap, alpha = {}, {}, {}
+        purity = {}
         for m in self.modalities:
             per_split = {}
             for split, (feats, labels) in (("train", train), ("val", val)):
@@ -403,21 +459,23 @@ class Relearner:
                     backend=self.kmeans_backend,
                 )
             purity[m] = per_split
-            gap[m] = abs(per_split["train"] - per_split["val"])
-            alpha[m] = relearn_strength(per_split["train"], per_split["val"], self.lam)
+        alpha = {m: float(a) for m, a in self.strength(purity).items()}
+        if set(alpha) != set(purity):
+            raise KeyError(f"the strength rule returned strengths for {sorted(alpha)}, expected "
+                           f"every modality {sorted(purity)}")
         return Diagnosis(
             epoch=epoch,
             purity=purity,
-            gap=gap,
+            gap={m: abs(p["train"] - p["val"]) for m, p in purity.items()},
             alpha=alpha,
             applied=False,
             seconds=time.perf_counter() - start,
         )
 
     def relearn(self, diagnosis: Diagnosis) -> None:
-        """Soft re-initialisation of every encoder with its own strength."""
+        """Re-initialise every encoder with its own strength (the `reinit` rule)."""
         for m, enc in self.encoders.items():
-            soft_reinit_(enc, self.init_states[m], diagnosis.alpha[m], buffers=self.reinit_buffers)
+            self.reinit(enc, self.init_states[m], diagnosis.alpha[m], buffers=self.reinit_buffers)
         diagnosis.applied = True
 
     def step(self, epoch: int, extract: FeatureFn, *, compute: bool = True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,13 @@ def init_distributed_mode(device_choice: str) -> DistInfo:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     _INFO = DistInfo(rank, world, local)
     return _INFO
+
+
+def process_device(device: torch.device) -> torch.device:
+    """With several CUDA processes, this process's own GPU (set by init_distributed_mode)."""
+    if device.type == "cuda" and _INFO.enabled:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def info() -> DistInfo:
@@ -137,18 +144,28 @@ class EpochBatchSampler(Sampler[List[int]]):
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world_size
         self.shuffle = shuffle
         self.seed = 0
+        self.indices: Optional[List[int]] = None  # None: every sample once
 
-    def set_seed(self, seed: int) -> None:
+    def set_epoch(self, seed: int, indices: Optional[Sequence[int]] = None) -> None:
+        """This epoch's seed, and optionally the samples it draws from (a method's re-sampling;
+        repeats allowed), else every sample once."""
         self.seed = int(seed)
+        if indices is not None:
+            indices = [int(i) for i in indices]
+            bad = [i for i in indices if not 0 <= i < self.n]
+            if bad:
+                raise ValueError(f"epoch indices outside the training split [0, {self.n}): {bad[:5]}")
+        self.indices = indices
 
     def _global_batches(self) -> List[List[int]]:
+        pool = list(range(self.n)) if self.indices is None else self.indices
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed)
-            order = torch.randperm(self.n, generator=g).tolist()
+            order = [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
         else:
-            order = list(range(self.n))
+            order = list(pool)
         size = self.batch_size * self.world
-        batches = [order[i:i + size] for i in range(0, self.n, size)]
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
         if batches and len(batches[-1]) < 2 * self.world:
             batches.pop()
         return batches

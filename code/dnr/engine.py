@@ -1,10 +1,10 @@
-"""One epoch of training, one evaluation pass, and feature extraction. Method-agnostic: what
-differs between methods happens in their hooks (methods/base.py). Distributed-aware: with several
+"""One epoch of training and one forward pass over a loader. Method-agnostic: what differs
+between methods happens in their hooks (methods/base.py). Distributed-aware: with several
 processes, each handles its shard and the results are gathered in dataset order."""
 from __future__ import annotations
 
-import contextlib
 import time
+from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
@@ -17,8 +17,12 @@ from .data.base import DeviceTransform
 from .methods.base import Method
 from .metrics import accuracy, classification_metrics
 from .models import unwrap
+from .stepping import AMP_DTYPES, Batch, Updater, autocast
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["AMP_DTYPES", "to_device", "train_one_epoch", "Outputs", "forward_pass", "metrics_of",
+           "evaluate", "extract_features", "FeatureSource"]
+
+
 def to_device(inputs: Mapping[str, Tensor], device, transform: Optional[DeviceTransform] = None,
               train: bool = False) -> Dict[str, Tensor]:
     """Move a batch to `device`, then apply the dataset's device transform (e.g. --frame_cache gpu's
@@ -27,70 +31,100 @@ def to_device(inputs: Mapping[str, Tensor], device, transform: Optional[DeviceTr
     return moved if transform is None else transform(moved, train)
 
 
-def autocast(device, dtype: Optional[torch.dtype]):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    device, epoch: int, *, grad_clip: float = 0.0, progress: bool = True,
-                    amp: Optional[torch.dtype] = None, scaler=None,
-                    device_transform: Optional[DeviceTransform] = None) -> Dict[str, float]:
-    """Train for one pass over `loader`; returns mean loss, accuracies and the method's own logs
-    (averaged over every process's samples). `device_transform` gets train=True."""
+def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, update: Updater, epoch: int, *,
+                    progress: bool = True, device_transform: Optional[DeviceTransform] = None,
+                    log_every: int = 0, log=print) -> Dict[str, float]:
+    """Train for one pass over `loader`, one `method.train_step` per batch; returns mean loss,
+    accuracies and the method's own numbers (averaged over every process's samples).
+    `device_transform` gets train=True. With `log_every` > 0, a line every that many steps goes
+    to `log` (for output that is not a terminal, where there is no progress bar)."""
     model.train()
+    device = update.device
     start = time.perf_counter()
-    n, loss_sum, correct = 0, 0.0, 0.0
-    uni_correct: Dict[str, float] = {}
-    extra_sum: Dict[str, float] = {}
-    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
-    for step, batch in enumerate(bar):
-        inputs = to_device(batch["inputs"], device, device_transform, train=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        with autocast(device, amp):
-            out = method.forward(model, inputs, labels)
-            loss, extra = method.loss(out, labels, epoch)
-        if not torch.isfinite(loss.detach()):
-            raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: lower "
-                f"--learning_rate or check the inputs of this batch (indices {batch['index'][:8].tolist()}...)"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16: scale the loss, then hand the hooks true gradients
-            method.backward(scaler.scale(loss), out, labels, model)
-            scaler.unscale_(optimizer)
-        else:
-            method.backward(loss, out, labels, model)
-        extra.update(method.before_step(model, out, labels, epoch))
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+    sums: Dict[str, float] = {}  # sample-weighted sums; "n" counts the samples
 
-        b = labels.shape[0]
-        n += b
-        loss_sum += float(loss.detach()) * b
-        correct += float((out.logits.detach().argmax(1) == labels).sum())
-        for m, logits in (out.unimodal_logits or {}).items():
-            uni_correct[m] = uni_correct.get(m, 0.0) + float((logits.detach().argmax(1) == labels).sum())
-        for k, v in extra.items():
-            extra_sum[k] = extra_sum.get(k, 0.0) + float(v) * b
-        bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}")
+    def add(key: str, value: float) -> None:
+        sums[key] = sums.get(key, 0.0) + value
+
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
+    for step, raw in enumerate(bar):
+        batch = Batch(inputs=to_device(raw["inputs"], device, device_transform, train=True),
+                      labels=raw["label"].to(device, non_blocking=True), index=raw["index"],
+                      epoch=epoch, step=step)
+        result = method.train_step(model, batch, update)
+        b = batch.labels.shape[0]
+        add("n", b)
+        add("loss", float(result.loss.detach()) * b)
+        add("acc", float((result.out.logits.detach().argmax(1) == batch.labels).sum()))
+        for m, logits in (result.out.unimodal_logits or {}).items():
+            add(f"acc_{m}", float((logits.detach().argmax(1) == batch.labels).sum()))
+        for k, v in result.logs.items():
+            add(k, float(v) * b)
+        bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['acc'] / sums['n']:.3f}")
+        if log_every > 0 and (step + 1) % log_every == 0:
+            log(f"  epoch {epoch} step {step + 1}/{len(loader)} loss {sums['loss'] / sums['n']:.4f} "
+                f"train acc {sums['acc'] / sums['n']:.3f} ({time.perf_counter() - start:.0f}s)")
     # Sum over processes (keys are the same on every rank: same model, same method).
-    keys_u, keys_e = sorted(uni_correct), sorted(extra_sum)
-    totals = dist.all_reduce_sum([n, loss_sum, correct] + [uni_correct[k] for k in keys_u]
-                                 + [extra_sum[k] for k in keys_e], device)
-    n, loss_sum, correct = totals[:3]
-    n = max(n, 1)
-    stats = {"loss": loss_sum / n, "acc": correct / n,
-             "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
-    stats.update({f"acc_{m}": c / n for m, c in zip(keys_u, totals[3:3 + len(keys_u)])})
-    stats.update({k: v / n for k, v in zip(keys_e, totals[3 + len(keys_u):])})
+    totals = dist.all_reduce_dict(sums, device)
+    n = max(totals.pop("n", 0.0), 1)
+    stats = {"loss": totals.pop("loss", 0.0) / n, "acc": totals.pop("acc", 0.0) / n,
+             "lr": update.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+    stats.update({k: v / n for k, v in sorted(totals.items())})
     return stats
+
+
+@dataclass
+class Outputs:
+    """What one pass over a loader collected, in dataset order (all processes' shards): labels
+    (N,) and, when asked for, fused logits (N, C) and per-modality logits {m: (N, C)} on the CPU,
+    and pooled features {m: (N, D)} on the model's device (where the D&R k-means runs)."""
+
+    labels: Tensor
+    logits: Optional[Tensor] = None
+    unimodal_logits: Dict[str, Tensor] = field(default_factory=dict)
+    features: Dict[str, Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def forward_pass(model: nn.Module, loader: DataLoader, device, *, head: bool = True, features: bool = False,
+                 progress: bool = False, desc: str = "eval", amp: Optional[torch.dtype] = None,
+                 device_transform: Optional[DeviceTransform] = None) -> Outputs:
+    """The model in eval mode over `loader`. `head=False` runs the encoders only (features for a
+    diagnosis or a probe); `features=True` keeps the pooled features of a full pass too, so a
+    diagnosis after an evaluation need not run the encoders again."""
+    model.eval()
+    net = unwrap(model)
+    keep_features = features or not head
+    cols: Dict[str, list] = {}  # "labels", "index", "logits", "uni/<m>", "feat/<m>"
+
+    def put(key: str, value: Tensor) -> None:
+        cols.setdefault(key, []).append(value)
+
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        inputs = to_device(batch["inputs"], device, device_transform)
+        with autocast(device, amp):
+            if head:
+                out = net(inputs)
+                feats = out.features
+            else:
+                out, feats = None, net.encode(inputs)
+        put("labels", batch["label"].to(device))
+        put("index", batch["index"].to(device))
+        if out is not None:
+            put("logits", out.logits.float())
+            for m, u in (out.unimodal_logits or {}).items():
+                put(f"uni/{m}", u.float())
+        if keep_features:
+            for m, f in feats.items():
+                put(f"feat/{m}", f.float())
+    keys = sorted(k for k in cols if k != "index")
+    gathered = dict(zip(keys, _in_dataset_order(torch.cat(cols["index"]), *[torch.cat(cols[k]) for k in keys])))
+    return Outputs(
+        labels=gathered["labels"].cpu(),
+        logits=gathered["logits"].cpu() if "logits" in gathered else None,
+        unimodal_logits={k[4:]: v.cpu() for k, v in gathered.items() if k.startswith("uni/")},
+        features={k[5:]: v for k, v in gathered.items() if k.startswith("feat/")},
+    )
 
 
 def _in_dataset_order(indices: Tensor, *tensors: Tensor):
@@ -100,71 +134,44 @@ def _in_dataset_order(indices: Tensor, *tensors: Tensor):
     return [dist.all_gather_cat(t)[order] for t in tensors]
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device, *, progress: bool = False, desc: str = "eval",
-            amp: Optional[torch.dtype] = None, device_transform: Optional[DeviceTransform] = None,
-            features_out: Optional[dict] = None):
-    """Fused logits (N, C), per-modality logits {m: (N, C)} (or {}), labels (N,), on the CPU.
-
-    With a dict as `features_out`, it also receives "features" ({m: (N, D)} on `device`) and
-    "labels", exactly what `extract_features` returns for this loader: the forward pass computes
-    the pooled features anyway, so a diagnosis after this evaluation need not run it again."""
-    model.eval()
-    net = unwrap(model)
-    logits, labels, index, uni, feats = [], [], [], {}, {}
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-        inputs = to_device(batch["inputs"], device, device_transform)
-        with autocast(device, amp):
-            out = net(inputs)
-        logits.append(out.logits.float())
-        labels.append(batch["label"].to(device))
-        index.append(batch["index"].to(device))
-        for m, l in (out.unimodal_logits or {}).items():
-            uni.setdefault(m, []).append(l.float())
-        if features_out is not None:
-            for m, f in out.features.items():
-                feats.setdefault(m, []).append(f.float())
-    names, feat_names = sorted(uni), sorted(feats)
-    gathered = _in_dataset_order(torch.cat(index), torch.cat(logits), torch.cat(labels),
-                                 *[torch.cat(uni[m]) for m in names], *[torch.cat(feats[m]) for m in feat_names])
-    if features_out is not None:
-        features_out["features"] = dict(zip(feat_names, gathered[2 + len(names):]))
-        features_out["labels"] = gathered[1].cpu()
-    return (gathered[0].cpu(), {m: g.cpu() for m, g in zip(names, gathered[2:2 + len(names)])},
-            gathered[1].cpu())
-
-
-def evaluate(model: nn.Module, loader: DataLoader, device, num_classes: int, *, progress: bool = False,
-             desc: str = "eval", amp: Optional[torch.dtype] = None,
-             device_transform: Optional[DeviceTransform] = None, features_out: Optional[dict] = None) -> Dict[str, float]:
-    """acc, macro_f1, f1_weighted, map, loss of the fused logits, and acc_<modality> from the head
-    slices; `features_out` as in `predict`."""
-    logits, uni, labels = predict(model, loader, device, progress=progress, desc=desc, amp=amp,
-                                  device_transform=device_transform, features_out=features_out)
-    stats = classification_metrics(logits, labels, num_classes)
-    stats["loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
-    stats.update({f"acc_{m}": accuracy(l, labels) for m, l in uni.items()})
+def metrics_of(outputs: Outputs, num_classes: int) -> Dict[str, float]:
+    """acc, macro_f1, f1_weighted, map, loss of the fused logits, and acc_<modality> from the
+    per-modality logits (the head slices)."""
+    stats = classification_metrics(outputs.logits, outputs.labels, num_classes)
+    stats["loss"] = float(torch.nn.functional.cross_entropy(outputs.logits, outputs.labels))
+    stats.update({f"acc_{m}": accuracy(u, outputs.labels) for m, u in sorted(outputs.unimodal_logits.items())})
     return stats
 
 
-@torch.no_grad()
-def extract_features(model: nn.Module, loader: DataLoader, device, *, progress: bool = False,
-                     desc: str = "features", amp: Optional[torch.dtype] = None,
-                     device_transform: Optional[DeviceTransform] = None) -> Tuple[Dict[str, Tensor], Tensor]:
-    """Pooled per-modality features in eval mode, kept on `device` (so the diagnosis k-means runs
-    where the model runs), and the labels (N,), in dataset order (all processes' shards)."""
-    model.eval()
-    net = unwrap(model)
-    feats: Dict[str, list] = {}
-    labels, index = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-        inputs = to_device(batch["inputs"], device, device_transform)
-        with autocast(device, amp):
-            encoded = net.encode(inputs)
-        for m, f in encoded.items():
-            feats.setdefault(m, []).append(f.float())
-        labels.append(batch["label"].to(device))
-        index.append(batch["index"].to(device))
-    names = sorted(feats)
-    gathered = _in_dataset_order(torch.cat(index), torch.cat(labels), *[torch.cat(feats[m]) for m in names])
-    return {m: g for m, g in zip(names, gathered[1:])}, gathered[0].cpu()
+def evaluate(model: nn.Module, loader: DataLoader, device, num_classes: int, **kw) -> Dict[str, float]:
+    """`metrics_of` one full pass (keyword arguments as `forward_pass`)."""
+    return metrics_of(forward_pass(model, loader, device, **kw), num_classes)
+
+
+def extract_features(model: nn.Module, loader: DataLoader, device, **kw) -> Tuple[Dict[str, Tensor], Tensor]:
+    """Pooled per-modality features in eval mode ({m: (N, D)} on `device`) and the labels (N,):
+    the form `Relearner.step` and a probe take."""
+    out = forward_pass(model, loader, device, head=False, desc=kw.pop("desc", "features"), **kw)
+    return out.features, out.labels
+
+
+class FeatureSource:
+    """`source(split)` -> extract_features of the model on that split's loader: what a diagnosis
+    (TrainContext.extract_features) calls. A pass that already computed a split's features for the
+    current weights hands them over with `keep` (the epoch's val evaluation), which spares the
+    diagnosis one pass over val; `clear` forgets them once the weights may change."""
+
+    def __init__(self, model: nn.Module, loaders: Mapping[str, DataLoader], device, **kw):
+        self.model, self.loaders, self.device, self.kw = model, loaders, device, kw
+        self.kept: Dict[str, Tuple[Dict[str, Tensor], Tensor]] = {}
+
+    def keep(self, split: str, outputs: Outputs) -> None:
+        self.kept[split] = (outputs.features, outputs.labels)
+
+    def clear(self) -> None:
+        self.kept.clear()
+
+    def __call__(self, split: str) -> Tuple[Dict[str, Tensor], Tensor]:
+        if split in self.kept:
+            return self.kept[split]
+        return extract_features(self.model, self.loaders[split], self.device, desc=f"features {split}", **self.kw)

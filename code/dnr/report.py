@@ -58,7 +58,11 @@ def summarize(runs: List[dict]) -> List[dict]:
     rows = []
     groups = group(runs)
     # Multimodal runs first, then runs on fewer modalities; by method within each.
-    for (dataset, method, mods), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -len(kv[1][0]["modalities"]), kv[0][1], kv[0][2])):
+    def order(item):
+        (dataset, method, mods), rs = item
+        return dataset, -len(rs[0]["modalities"]), method, mods
+
+    for (dataset, method, mods), rs in sorted(groups.items(), key=order):
         modalities = rs[0]["modalities"]
         seeds = [r["seed"] for r in rs]
         if len(set(seeds)) != len(seeds):
@@ -103,8 +107,8 @@ def markdown(rows: List[dict]) -> str:
             + ["best test acc (test-selected)", "epochs", "s / run"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = ([r["dataset"], r["method"], "+".join(r["modalities"]), str(len(r["seeds"])), r["test_acc"], r["test_macro_f1"],
-                  r["test_map"], r["val_acc"]]
+        cells = ([r["dataset"], r["method"], "+".join(r["modalities"]), str(len(r["seeds"])), r["test_acc"],
+                  r["test_macro_f1"], r["test_map"], r["val_acc"]]
                  + [r["unimodal"].get(m, "-") for m in modalities] + [r["probe"].get(m, "-") for m in modalities]
                  + [r["best_test_acc"], str(r["epochs"]), f"{r['seconds']:.0f}"])
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,11 +1,13 @@
 """Training methods, one small class each, selected with --method (see base.py for the hooks).
 
 To add a method: subclass `Method`, override the hooks it needs, decorate it with
-`register_method`, declare its flags in `add_args`, and import its module here.
+`register_method`, declare its flags in `add_args` (and check them in `check_args`), and import
+its module here. Everything else (the trainer, script/compare.py, the tests that run every
+method) reads the registry.
 """
 from .base import METHODS, Method, TrainContext, create_method, register_method
-from . import agm, mmpareto, ogm_ge, opm, pmr, relearn, unimodal  # noqa: F401  (register themselves)
-from .relearn import add_diagnosis_args, make_relearner
+from .diagnosis import add_diagnosis_args, make_relearner
+from . import relearn, unimodal, ogm_ge, pmr, mmpareto, agm, opm  # noqa: F401,E402  (register themselves)
 
 __all__ = ["METHODS", "Method", "TrainContext", "create_method", "register_method",
            "add_diagnosis_args", "make_relearner"]

@@ -31,7 +31,7 @@ from torch import Tensor
 from .. import distributed as dist
 from ..models import unwrap
 from .base import Method, register_method
-from .common import add_window_args, in_window
+from .common import add_window_args, in_window, require, window_rules
 
 
 @torch.no_grad()
@@ -89,6 +89,7 @@ def agm_coefficients(losses: Dict[str, float], running: Dict[str, float], alpha:
 class AGM(Method):
     name = "agm"
     help = "AGM (ICCV 2023): Shapley mono-modal responses, gradient scaling from running loss ratios"
+    min_modalities = 2
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
@@ -96,10 +97,13 @@ class AGM(Method):
                            help="alpha in k_m = exp(alpha * (optimal ratio - current ratio)) (default: %(default)s)")
         add_window_args(group, "agm", 0, None)
 
+    @classmethod
+    def check_args(cls, args) -> None:
+        super().check_args(args)
+        require([(args.agm_alpha >= 0, f"--agm_alpha must be >= 0, got {args.agm_alpha}")] + window_rules(args, "agm"))
+
     def __init__(self, args, model, info):
         super().__init__(args, model, info)
-        if len(info.modalities) < 2:
-            raise ValueError("--method agm needs at least two modalities")
         self.shapes = {s.name: tuple(s.shape) for s in info.modalities}
         self.running: Dict[str, float] = {}
         self.steps = 0
@@ -128,8 +132,9 @@ class AGM(Method):
         return logs
 
     def state_dict(self) -> dict:
-        return {"running": self.running, "steps": self.steps}
+        return {**super().state_dict(), "running": self.running, "steps": self.steps}
 
     def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
         self.running = dict(state.get("running", {}))
         self.steps = int(state.get("steps", 0))

@@ -42,6 +42,20 @@ def in_window(epoch: int, starts: int, ends: Optional[int]) -> bool:
     return epoch >= starts and (ends is None or epoch <= ends)
 
 
+def require(rules) -> None:
+    """Raise ValueError with the message of the first (ok, message) rule that fails."""
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(message)
+
+
+def window_rules(args: argparse.Namespace, prefix: str):
+    """The checks of the --<prefix>_starts / --<prefix>_ends pair."""
+    starts, ends = getattr(args, f"{prefix}_starts"), getattr(args, f"{prefix}_ends")
+    return [(starts >= 0, f"--{prefix}_starts must be >= 0, got {starts}"),
+            (ends is None or ends >= starts, f"--{prefix}_ends ({ends}) must be >= --{prefix}_starts ({starts})")]
+
+
 def add_window_args(group: argparse._ArgumentGroup, prefix: str, starts: int, ends: Optional[int]) -> None:
     group.add_argument(f"--{prefix}_starts", type=int, default=starts,
                        help="first 0-based epoch of the modulation (default: %(default)s)")
@@ -49,6 +63,3 @@ def add_window_args(group: argparse._ArgumentGroup, prefix: str, starts: int, en
                        help="last 0-based epoch of the modulation, inclusive; unset = to the end "
                             "(default: %(default)s)")
 
-
-def encoder_grads(encoder: torch.nn.Module):
-    return [p for p in encoder.parameters() if p.grad is not None]

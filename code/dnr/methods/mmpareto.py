@@ -61,8 +61,11 @@ class MMPareto(Method):
                            help="extra factor on the integrated encoder gradient (the authors' code "
                                 "used 1.5) (default: %(default)s)")
 
-    def __init__(self, args, model, info):
-        super().__init__(args, model, info)
+    @classmethod
+    def check_args(cls, args) -> None:
+        super().check_args(args)
+        if args.mmpareto_gamma <= 0:
+            raise ValueError(f"--mmpareto_gamma must be > 0, got {args.mmpareto_gamma}")
         if getattr(args, "amp", "off") == "fp16":
             raise ValueError("--method mmpareto computes per-loss gradients itself and does not work with "
                              "--amp fp16's loss scaling; use --amp bf16 or off")
@@ -70,7 +73,7 @@ class MMPareto(Method):
     def loss(self, out, labels, epoch):
         uni = require_unimodal_logits(out, self.name)
         mm = F.cross_entropy(out.logits, labels)
-        total = mm + sum(F.cross_entropy(l, labels) for l in uni.values())
+        total = mm + sum(F.cross_entropy(u, labels) for u in uni.values())
         return total, {"loss_mm": float(mm.detach())}
 
     def backward(self, loss, out, labels, model):

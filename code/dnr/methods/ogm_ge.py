@@ -22,7 +22,8 @@ import torch
 from .. import distributed as dist
 from ..models import unwrap
 from .base import Method, register_method
-from .common import add_window_args, in_window, ratio_to_others, require_unimodal_logits, true_class_score
+from .common import (add_window_args, in_window, ratio_to_others, require, require_unimodal_logits,
+                     true_class_score, window_rules)
 
 
 def ogm_coefficients(scores, alpha: float, formula: str = "paper"):
@@ -39,6 +40,7 @@ def ogm_coefficients(scores, alpha: float, formula: str = "paper"):
 
 class OGMBase(Method):
     noise = True
+    min_modalities = 2
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
@@ -51,16 +53,21 @@ class OGMBase(Method):
                                 "(default: %(default)s)")
         add_window_args(group, "ogm", 0, 50)
 
+    @classmethod
+    def check_args(cls, args) -> None:
+        super().check_args(args)
+        require([(args.ogm_alpha >= 0, f"--ogm_alpha must be >= 0, got {args.ogm_alpha}")]
+                + window_rules(args, "ogm"))
+
     def __init__(self, args, model, info):
         super().__init__(args, model, info)
-        if len(info.modalities) < 2:
-            raise ValueError(f"--method {self.name} needs at least two modalities")
         self.step = 0
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {**super().state_dict(), "step": self.step}
 
     def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
         self.step = int(state.get("step", 0))
 
     def before_step(self, model, out, labels, epoch):
@@ -92,14 +99,14 @@ class OGMBase(Method):
 
 
 @register_method
-class OGMGE(OGMBase):
-    name = "ogm_ge"
-    help = "OGM-GE (CVPR 2022): scale the dominant encoder's gradients, add Gaussian noise"
-    noise = True
-
-
-@register_method
 class OGM(OGMBase):
     name = "ogm"
     help = "OGM (CVPR 2022) without the GE noise"
     noise = False
+
+
+@register_method
+class OGMGE(OGMBase):
+    name = "ogm_ge"
+    help = "OGM-GE (CVPR 2022): scale the dominant encoder's gradients, add Gaussian noise"
+    noise = True

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from ..models import unwrap
 from .base import Method, register_method
-from .common import add_window_args, in_window, ratio_to_others, require_unimodal_logits, true_class_score
+from .common import (add_window_args, in_window, ratio_to_others, require, require_unimodal_logits,
+                     true_class_score, window_rules)
 
 
 def drop_probabilities(scores: Dict[str, float], q_base: float, lam: float) -> Dict[str, float]:
@@ -34,6 +35,7 @@ def drop_probabilities(scores: Dict[str, float], q_base: float, lam: float) -> D
 class OPM(Method):
     name = "opm"
     help = "OPM (TPAMI 2024): drop the dominant modality's features with a ratio-driven probability"
+    min_modalities = 2
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
@@ -44,10 +46,16 @@ class OPM(Method):
                            help="probability that a step drops at all (default: %(default)s)")
         add_window_args(group, "opm", 6, None)
 
+    @classmethod
+    def check_args(cls, args) -> None:
+        super().check_args(args)
+        require([(0 <= args.opm_q_base <= 1, f"--opm_q_base must lie in [0, 1], got {args.opm_q_base}"),
+                 (args.opm_lambda >= 0, f"--opm_lambda must be >= 0, got {args.opm_lambda}"),
+                 (0 <= args.opm_p_exe <= 1, f"--opm_p_exe must lie in [0, 1], got {args.opm_p_exe}")]
+                + window_rules(args, "opm"))
+
     def __init__(self, args, model, info):
         super().__init__(args, model, info)
-        if len(info.modalities) < 2:
-            raise ValueError("--method opm needs at least two modalities")
         self.keep, self.q = None, {}
         self.epoch = 0
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Method, register_method
-from .common import add_window_args, in_window, ratio_to_others, true_class_score
+from .common import add_window_args, in_window, ratio_to_others, require, true_class_score, window_rules
 
 
 def class_prototypes(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -51,6 +51,7 @@ def prototype_logits(features: Tensor, prototypes: Tensor, squared: bool = False
 class PMR(Method):
     name = "pmr"
     help = "PMR (CVPR 2023): prototype cross-entropy for the weaker modality"
+    min_modalities = 2
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
@@ -64,10 +65,15 @@ class PMR(Method):
                                 "minus its square (default: %(default)s)")
         add_window_args(group, "pmr", 0, None)
 
+    @classmethod
+    def check_args(cls, args) -> None:
+        super().check_args(args)
+        require([(args.pmr_alpha >= 0, f"--pmr_alpha must be >= 0, got {args.pmr_alpha}"),
+                 (args.pmr_entropy >= 0, f"--pmr_entropy must be >= 0, got {args.pmr_entropy}")]
+                + window_rules(args, "pmr"))
+
     def __init__(self, args, model, info):
         super().__init__(args, model, info)
-        if len(info.modalities) < 2:
-            raise ValueError("--method pmr needs at least two modalities")
         self.prototypes: Dict[str, Tensor] = {}
 
     def on_epoch_start(self, epoch, ctx):
@@ -94,7 +100,8 @@ class PMR(Method):
         return loss, logs
 
     def state_dict(self) -> dict:
-        return {"prototypes": self.prototypes}
+        return {**super().state_dict(), "prototypes": self.prototypes}
 
     def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
         self.prototypes = dict(state.get("prototypes", {}))

@@ -13,7 +13,8 @@ def unwrap(model):
             return model
 
 
-from . import sequence  # noqa: F401  (registers the "transformer" and "mean_mlp" sequence encoders)
+from . import sequence  # noqa: F401,E402  (registers the "transformer" and "mean_mlp" sequence encoders)
 
 __all__ = ["ModelOutput", "MultimodalClassifier", "create_model", "ENCODERS", "create_encoder",
-           "default_encoder", "encoder_options", "register_encoder", "FUSIONS", "FusionOutput", "create_fusion", "unwrap"]
+           "default_encoder", "encoder_options", "register_encoder", "FUSIONS", "FusionOutput", "create_fusion",
+           "unwrap"]

@@ -1,0 +1,87 @@
+"""What one optimisation step works with: the batch, and an `Updater` that owns the run's
+optimiser, mixed precision (autocast, fp16 loss scaling) and gradient clipping.
+
+A method's `train_step` (methods/base.py) calls the updater instead of the optimiser, so the same
+step works with or without --amp and --grad_clip, and a method that takes several optimiser
+steps per batch (alternating uni-modal updates) is written once.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+@dataclass
+class Batch:
+    """One training batch on the device: inputs {modality: (B, ...)}, labels (B,), the samples'
+    dataset indices (B,), and where it sits in the run (0-based epoch and step)."""
+
+    inputs: Mapping[str, Tensor]
+    labels: Tensor
+    index: Tensor
+    epoch: int
+    step: int
+
+
+class Updater:
+    """zero_grad -> backward -> (method's gradient surgery) -> clip -> step, with the run's
+    settings. With an fp16 scaler, `scale` multiplies the loss and `unscale` hands true gradients
+    to what comes after it (a method's `before_step`, the clipping)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device, *,
+                 amp: Optional[torch.dtype] = None, scaler=None, grad_clip: float = 0.0):
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.amp, self.scaler, self.grad_clip = amp, scaler, grad_clip
+
+    def autocast(self):
+        return autocast(self.device, self.amp)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def scale(self, loss: Tensor) -> Tensor:
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def unscale(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+
+    def step(self) -> None:
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+
+def check_finite(loss: Tensor, batch: Batch) -> None:
+    """A non-finite loss stops the run, naming the epoch, the step and the first samples."""
+    if not torch.isfinite(loss.detach()):
+        raise FloatingPointError(
+            f"non-finite loss ({loss.item()}) at epoch {batch.epoch}, step {batch.step}: lower "
+            f"--learning_rate or check the inputs of this batch (indices {batch.index[:8].tolist()}...)"
+        )
+
+
+@dataclass
+class StepResult:
+    """What a step reports: the loss (for the epoch mean), the model output whose logits give the
+    training accuracy, and the method's own numbers {name: float} (averaged over the epoch)."""
+
+    loss: Tensor
+    out: object  # models.ModelOutput
+    logs: Dict[str, float]
