@@ -43,9 +43,15 @@ def prepared(tmp_path_factory):
             name = f"{actor}_DFA_{emo}_XX"
             write_video(raw / "VideoFlash" / f"{name}.flv", 2.5, "flv", "flv")
             write_wav(raw / "AudioWAV" / f"{name}.wav", 2.5, 200 + 60 * e + 7 * a)
+    # The three splits from lists in the D&R authors' format ('name,label' header; CRLF here).
+    lists = tmp_path_factory.mktemp("lists")
+    for split, actor in (("train", "1001"), ("val", "1002"), ("test", "1003")):
+        rows = ["name,label"] + [f"{actor}_DFA_{emo}_XX,{emo}" for emo in EMOTIONS]
+        (lists / f"{split}.csv").write_bytes(("\r\n".join(rows) + "\r\n").encode())
     out = tmp_path_factory.mktemp("prepared") / "cremad"
-    rc, _ = quiet_prepare(["cremad", "--root", raw, "--out", out, "--fbank_frames", "64", "--test_fraction",
-                           "0.34", "--workers", "1", "--progress", "off"])
+    rc, _ = quiet_prepare(["cremad", "--root", raw, "--out", out, "--fbank_frames", "64", "--train_list",
+                           lists / "train.csv", "--val_list", lists / "val.csv", "--test_list", lists / "test.csv",
+                           "--workers", "1", "--progress", "off"])
     assert rc == 0
     return out
 
@@ -141,7 +147,9 @@ def test_missing_or_stale_cache_is_refused_naming_the_file_and_the_command(prepa
         build_datasets("cremad", cremad_args(out, "cpu"))
     # The JPEG path does not need the cache; the built-in dataset has no cache to read.
     assert len(build_datasets("cremad", cremad_args(out)).train) == 6
-    with pytest.raises(ValueError, match="--frame_cache cpu: dataset 'builtin' does not read packed frames"):
+    with pytest.raises(ValueError, match=r"--frame_cache cpu: dataset 'builtin' does not read packed frames; the "
+                                         r"option applies to the prepared video datasets "
+                                         r"\(cremad, kinetics_sounds, ucf101\)"):
         build_datasets("builtin", trainer.get_args_parser().parse_args(["--frame_cache", "cpu"]))
 
 

@@ -28,8 +28,9 @@ W, H, FPS = 32, 24, 10
 
 
 def level(i):
-    """Background grey level of picture i: the sampled frames show which picture they are."""
-    return 10 + 8 * i
+    """Background grey level of picture i: the sampled frames show which picture they are (wraps
+    after picture 30)."""
+    return (10 + 8 * i) % 256
 
 
 def write_video(path, seconds, fmt, codec, audio_codec=None, tone=440.0, corrupt=False):
@@ -96,7 +97,7 @@ def load_args(dataset, data_path, **extra):
 def train_one_epoch(dataset, data_path, tmp_path, extra):
     out = tmp_path / f"run_{dataset}"
     rc = trainer.cli(["--dataset", dataset, "--data_path", str(data_path), "--epochs", "1", "--batch_size", "4",
-                      "--no-probe", "--reinit_epoch", "0", "--progress", "off", "--ckpt_path", str(out)] + extra)
+                      "--no-probe", "--method", "baseline", "--progress", "off", "--ckpt_path", str(out)] + extra)
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"] == dataset and 0.0 <= res["test"]["acc"] <= 1.0
@@ -163,18 +164,25 @@ def cremad_prepared(cremad_raw, tmp_path_factory):
 
 def test_cremad_prepare_in_parallel_and_a_second_run_changes_nothing(cremad_prepared, capsys):
     out, argv, rc, text = cremad_prepared
-    assert rc == 0
+    assert rc == 1  # a listed clip (its WAV is there) has no video: named, and the exit status says so
     assert "30 clips found; 30 written, 0 skipped (already done), 0 failed, 1 listed but missing" in text
-    assert "splits 'clip'" in text and "train 18, val 6, test 6" in text
+    assert ("listed but missing (their files are not under --root; left out):\n"
+            "  1006_IEO_HAP_HI: no VideoFlash/<clip>.flv") in text
+    assert "exit status 1: 0 failed, 1 listed but missing" in text
     m = json.loads((out / "manifest.json").read_text())
+    counts = {s: len((out / f"splits/clip/{s}.csv").read_text().splitlines()) - 1 for s in ("train", "val", "test")}
+    assert "splits 'clip'" in text and "train {train}, val {val}, test {test}".format(**counts) in text
+    assert sum(counts.values()) == 30 and min(counts.values()) >= 1
     assert m["failed"] == {} and m["missing"] == {"1006_IEO_HAP_HI": "no VideoFlash/<clip>.flv"}
+    assert m["warnings"] == {} and m["clips"]["1001_DFA_ANG_XX"]["probe"] == {
+        "audio_peak": pytest.approx(0.45, abs=1e-3), "audio_s": 2.5, "declared_s": 2.5, "video_s": 2.5}
     assert m["classes"] == list(EMOTIONS) and len(m["clips"]) == 30
     assert m["audio"]["fbank"]["shape"] == [1, 128, 300] and m["audio"]["stft"]["shape"] == [1, 257, 188]
     assert m["audio"]["fbank"]["preemphasis"] == 0.97 and m["audio"]["stft"]["hop_length"] == 353
     assert m["frames"]["fps"] == 1.0 and m["versions"][0]["av"] == av.__version__
     assert not (out / ".tmp").exists()
     before = snapshot(out)
-    assert prepare(argv[:-4] + ["--workers", "1", "--progress", "off"]) == 0
+    assert prepare(argv[:-4] + ["--workers", "1", "--progress", "off"]) == 1
     text = capsys.readouterr().out
     assert "0 written, 30 skipped (already done), 0 failed" in text and "manifest unchanged" in text
     assert snapshot(out) == before
@@ -188,8 +196,9 @@ def test_a_crashing_decoder_process_is_isolated_and_reported():
 
     tasks = [SimpleNamespace(clip=c, video_rel=f"{c}.avi") for c in ("a", "b", "boom", "c", "d", "e")]
     results = run_tasks(tasks, 2, False, "test", work=crash_on_boom)
-    assert results == {"a": None, "b": None, "c": None, "d": None, "e": None,
-                       "boom": "boom.avi: the process preparing it died (a crash in a decoder?)"}
+    assert {c: o.error for c, o in results.items()} == {
+        "a": None, "b": None, "c": None, "d": None, "e": None,
+        "boom": "boom.avi: the process preparing it died (a crash in a decoder?)"}
 
 
 def test_cremad_corrupt_video_and_truncated_wav_are_reported_not_fatal(cremad_raw, tmp_path, capsys):
@@ -240,28 +249,31 @@ def test_cremad_frames_audio_and_splits(cremad_raw, cremad_prepared):
     raw = direct_kaldi_fbank(x, sr)  # 248 frames, zero-padded to 300
     raw = np.concatenate([raw, np.zeros((300 - len(raw), 128))])
     np.testing.assert_allclose(fbank[0].T, (raw + 4.503877) / (2 * 5.141276), atol=1e-5)
-    from scipy.signal import resample_poly
-
     stft = np.load(out / "audio_stft" / f"{clip}.npy")
-    np.testing.assert_allclose(stft[0], direct_log_stft(resample_poly(x, 441, 320)), atol=2e-4)
+    np.testing.assert_allclose(stft[0], direct_log_stft(audio_lib.resample_soxr(x, 16000, 22050)), atol=2e-4)
 
     def rows(scheme, split):
         lines = (out / "splits" / scheme / f"{split}.csv").read_text().splitlines()
         assert lines[0] == "clip,label"
         return [tuple(r.split(",")) for r in lines[1:]]
 
-    per_class = {}
+    # No lists: each clip's split is the band of its seeded hash (test below 0.2, val below 0.4).
+    from dnr.data.splits import unit_hash
+
+    members = {}
     for split in ("train", "val", "test"):
         r = rows("clip", split)
-        per_class[split] = {e: sum(1 for _, lab in r if lab == e) for e in EMOTIONS}
         assert all(c.split("_")[2] == lab for c, lab in r)
-    # 5 clips per class: 1 test (20%), as many for val, 3 train.
-    assert per_class == {"train": dict.fromkeys(EMOTIONS, 3), "val": dict.fromkeys(EMOTIONS, 1),
-                         "test": dict.fromkeys(EMOTIONS, 1)}
+        members.update({c: split for c, _ in r})
+    assert sorted(members) == sorted(m["clips"])
+    for c, split in members.items():
+        u = unit_hash(0, "cremad clip", c)
+        assert split == ("test" if u < 0.2 else "val" if u < 0.4 else "train"), c
+    # Actors 1001-1005 are one block of round(1 / 0.2) = 5 ids: one for test, one for val.
     actors = {s: {c.split("_")[0] for c, _ in rows("actor", s)} for s in ("train", "val", "test")}
     assert [len(actors[s]) for s in ("train", "val", "test")] == [3, 1, 1]
     assert not (actors["train"] & actors["val"] or actors["train"] & actors["test"] or actors["val"] & actors["test"])
-    assert m["splits"]["clip"]["test"] == 6 and m["splits"]["actor"]["train"] == 18
+    assert m["splits"]["clip"]["test"] == len(rows("clip", "test")) and m["splits"]["actor"]["train"] == 18
 
 
 def test_cremad_lists_and_adding_a_recipe(cremad_raw, tmp_path, capsys):
@@ -273,17 +285,18 @@ def test_cremad_lists_and_adding_a_recipe(cremad_raw, tmp_path, capsys):
     out = tmp_path / "out"
     base = ["cremad", "--root", str(cremad_raw), "--out", str(out), "--train_list", str(tmp_path / "train.csv"),
             "--test_list", str(tmp_path / "test.csv"), "--workers", "1", "--progress", "off", "--fbank_frames", "64"]
-    assert prepare(base + ["--audio", "fbank"]) == 0
-    capsys.readouterr()
+    assert prepare(base + ["--audio", "fbank"]) == 1  # 1007_DFA_NEU_XX is listed, its files are not there
+    assert "  1007_DFA_NEU_XX: neither its .flv nor its .wav exists" in capsys.readouterr().out
     m = json.loads((out / "manifest.json").read_text())
-    assert m["missing"]["1007_DFA_NEU_XX"] == "listed, but neither its .flv nor its .wav exists"
+    assert m["missing"]["1007_DFA_NEU_XX"] == "neither its .flv nor its .wav exists"
     test_rows = (out / "splits/clip/test.csv").read_text().splitlines()[1:]
     val_rows = (out / "splits/clip/val.csv").read_text().splitlines()[1:]
     assert sorted(test_rows) == sorted(test[:6])
-    assert sorted(r.split(",")[1] for r in val_rows) == sorted(EMOTIONS)
+    # The listed test set's per-class counts, the missing clip included: drawn from the lists alone.
+    assert sorted(r.split(",")[1] for r in val_rows) == sorted(EMOTIONS + ("NEU",))
     assert all(r.split("_")[0] != "1005" for r in val_rows)
     # A second recipe is added to the existing folder; a different frame setting is refused.
-    assert prepare(base + ["--audio", "stft"]) == 0
+    assert prepare(base + ["--audio", "stft"]) == 1
     text = capsys.readouterr().out
     assert "30 written, 0 skipped" in text
     assert sorted(json.loads((out / "manifest.json").read_text())["audio"]) == ["fbank", "stft"]
@@ -303,7 +316,8 @@ def test_cremad_loader_and_one_training_epoch(cremad_prepared, tmp_path):
     info = splits.info
     assert info.classes == EMOTIONS and info.modality_names == ["audio", "visual"]
     assert info.spec("audio").shape == (1, 128, 300) and info.spec("visual").shape == (2, 3, 32, 32)
-    assert (len(splits.train), len(splits.val), len(splits.test)) == (18, 6, 6)
+    counts = tuple(len((out / f"splits/clip/{s}.csv").read_text().splitlines()) - 1 for s in ("train", "val", "test"))
+    assert (len(splits.train), len(splits.val), len(splits.test)) == counts
     # Evaluation: the middle stored frame of each of 2 segments of 3 frames -> frames 0 and 1 (stored
     # pictures 5 and 15), deterministic.
     s = splits.test[0]
@@ -391,14 +405,17 @@ def test_kinetics_sounds_from_lists(tmp_path, capsys):
     argv = ["kinetics_sounds", "--root", str(root), "--out", str(out), "--train_list", str(tmp_path / "train.txt"),
             "--test_list", str(tmp_path / "test.txt"), "--val_fraction", "0.25", "--fbank_frames", "200",
             "--short_side", "16", "--workers", "1", "--progress", "off"]
-    assert prepare(argv) == 0
+    assert prepare(argv) == 1  # the video no longer available
     text = capsys.readouterr().out
     assert "15 clips found; 15 written, 0 skipped (already done), 0 failed, 1 listed but missing" in text
+    assert "  gone_000000_000010: no video file named" in text
     m = json.loads((out / "manifest.json").read_text())
     assert m["classes"] == sorted(KS_CLASSES) and "gone_000000_000010" in m["missing"]
-    assert (m["splits"]["default"]["train"], m["splits"]["default"]["val"], m["splits"]["default"]["test"]) == (9, 3, 3)
+    # Val: one clip per class drawn from the training *list*; singing's draw is the missing video, so
+    # it is left out rather than replaced (a later download of it would move no other clip).
+    assert [m["splits"]["default"][s] for s in ("train", "val", "test")] == [10, 2, 3]
     val = (out / "splits/default/val.csv").read_text().splitlines()[1:]
-    assert sorted(r.split(",")[1] for r in val) == sorted(KS_CLASSES)  # one per class
+    assert sorted(r.split(",")[1] for r in val) == ["playing drums", "playing piano"]
     name = "yt10-_x_000000_000010"
     assert m["clips"][name]["frames"] == 2
     frame = Image.open(out / "frames" / name / "frame_0000.jpg")
@@ -407,9 +424,9 @@ def test_kinetics_sounds_from_lists(tmp_path, capsys):
     feats = np.load(out / "audio_fbank" / f"{name}.npy")
     assert feats.shape == (1, 128, 200)
     wave44, rate = audio_lib.read_video_audio(root / "train" / "playing piano" / f"{name}.mp4")
-    assert rate == 44100 and abs(len(wave44) / rate - 2.0) < 0.1
-    np.testing.assert_allclose(feats, audio_lib.fbank_features(wave44, rate, 200))
-    spectrum = np.abs(np.fft.rfft(wave44[4410:48510]))
+    assert rate == 44100 and wave44.shape[0] == 2 and abs(wave44.shape[1] / rate - 2.0) < 0.1
+    np.testing.assert_allclose(feats, audio_lib.fbank_features(wave44, rate, 200))  # first channel, FFmpeg's 16 kHz
+    spectrum = np.abs(np.fft.rfft(wave44[0, 4410:48510]))
     assert abs(np.argmax(spectrum) * rate / 44100 - 500) < 2
     splits = build_datasets("kinetics_sounds", load_args("kinetics_sounds", out, kinetics_sounds_image_size=32))
     assert splits.info.classes == tuple(sorted(KS_CLASSES)) and splits.info.modality_names == ["audio", "visual"]
@@ -430,8 +447,13 @@ def test_kinetics_sounds_from_class_folders(tmp_path, capsys):
     assert "noaudio: b/noaudio.mp4: ValueError: the file has no audio stream" in text
     m = json.loads((out / "manifest.json").read_text())
     assert m["classes"] == ["a", "b"] and len(m["clips"]) == 8
-    counts = {s: len((out / f"splits/default/{s}.csv").read_text().splitlines()) - 1 for s in ("train", "val", "test")}
-    assert counts == {"train": 4, "val": 2, "test": 2}
+    # Each clip by its seeded hash: test below 0.25, val below 0.25 + 0.1 * 0.75.
+    from dnr.data.splits import unit_hash
+
+    for s in ("train", "val", "test"):
+        for row in (out / f"splits/default/{s}.csv").read_text().splitlines()[1:]:
+            u = unit_hash(0, "kinetics_sounds clip", row.split(",")[0])
+            assert s == ("test" if u < 0.25 else "val" if u < 0.325 else "train"), row
 
 
 # ---------------------------------------------------------------------------------------------

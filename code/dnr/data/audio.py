@@ -1,16 +1,24 @@
-"""Audio: decoding, resampling and the two published feature recipes, in NumPy.
+"""Audio: decoding, rate conversion and the two published feature recipes, in NumPy.
 
 Recipes (each returns a float32 array (1, F, T), the layout of a "spectrogram" modality):
 
-  stft   the OGM-GE log-STFT: mono at 22,050 Hz, the waveform tiled until it lasts 3 s and cut to
-         3 s, clipped to [-1, 1], STFT with n_fft 512, hop 353, a periodic Hann window, frames
-         centred (the signal reflect-padded by n_fft/2 at both ends, librosa's `center=True` with
-         the 'reflect' padding of the librosa releases OGM-GE ran on), then log(|S| + 1e-7)
-         -> (1, 257, 188).
+  stft   the OGM-GE log-STFT, as `librosa.load(path, sr=22050)` + `librosa.stft` computed it:
+         the channels averaged (librosa's mono), converted to 22,050 Hz with the SoX resampler at
+         "HQ" quality (python-soxr; what librosa >= 0.10 calls `soxr_hq`, its default) and cut or
+         zero-padded to ceil(n * 22050 / rate) samples (librosa's `fix`); then OGM-GE's fit: the
+         waveform tiled exactly three times and cut to 3 s, clipped to [-1, 1]; STFT with n_fft 512,
+         hop 353, a periodic Hann window, frames centred (the signal reflect-padded by n_fft/2 at
+         both ends: librosa's `center=True` with the 'reflect' padding of the librosa releases
+         OGM-GE ran on; librosa >= 0.10 pads with zeros, which changes the first and last frame
+         only), then log(|S| + 1e-7) -> (1, 257, 188).
+         Clips under 1 s: three tiles last under 3 s, and OGM-GE's code would then give fewer than
+         188 frames (a shape its batching cannot stack); here the three tiles are zero-padded to
+         3 s (silence), so the shape stays (1, 257, 188). Clips of 1 s or more: exactly OGM-GE's.
   fbank  the Kaldi-style log-mel filterbank of AST and of the D&R authors' tensors, i.e.
          torchaudio's `kaldi.fbank(htk_compat=True, use_energy=False, window_type='hanning',
          num_mel_bins=128, dither=0.0, frame_shift=10)` at 16 kHz; re-implemented here because
-         torchaudio cannot be installed beside every torch release. Options followed: 25 ms
+         torchaudio cannot be installed beside every torch release (pinned against values computed
+         with torchaudio: tests/fixtures/audio_reference.npz). Options followed: 25 ms
          frames (400 samples at 16 kHz) every 10 ms, `snip_edges` (only whole frames), per-frame
          DC removal, pre-emphasis 0.97 (the first sample pre-emphasised against itself), the
          symmetric "hanning" window 0.5 - 0.5 cos(2 pi n / (N - 1)), zero-padded to the next
@@ -20,10 +28,15 @@ Recipes (each returns a float32 array (1, F, T), the layout of a "spectrogram" m
          `htk_compat` changes nothing. The (frames, 128) result is zero-padded at the end or cut
          to 1024 frames and normalised as (x - (-4.503877)) / (2 * 5.141276) (SPEC section 2).
          AST subtracts the waveform's mean first; the per-frame DC removal makes that a no-op.
+         Input as the authors made it: their WAVs were written by FFmpeg at 16 kHz (`-ar 16000`,
+         channels kept) and `kaldi.fbank` reads the first channel. So by default the first channel
+         is taken (`channel="mean"`, prepare.py's --fbank_channel mean, averages them instead), and
+         audio at another rate is converted to 16 kHz by FFmpeg's own resampler (libswresample,
+         through PyAV's `av.AudioResampler`, at its defaults as `-ar` uses them; in float, where
+         the authors' WAVs were 16-bit).
 
-Waveforms are float in [-1, 1] (16-bit PCM divided by 32768, as soundfile, librosa and
-torchaudio return them); several channels are averaged to mono; a rate conversion uses
-scipy.signal.resample_poly (polyphase FIR, Kaiser window, beta 5).
+Waveforms are float arrays (channels, samples) in [-1, 1] (16-bit PCM divided by 32768, as
+soundfile, librosa and torchaudio return them); a 1-D array is one channel.
 """
 from __future__ import annotations
 
@@ -35,13 +48,16 @@ from typing import Dict, Tuple
 import numpy as np
 
 RECIPES = ("fbank", "stft")
+FBANK_CHANNELS = ("first", "mean")  # which channel the filterbank reads (module docstring)
 
 # OGM-GE's CREMA-D recipe.
 STFT_SAMPLE_RATE = 22050
 STFT_SECONDS = 3.0
+STFT_TILES = 3
 STFT_N_FFT = 512
 STFT_HOP = 353
 STFT_LOG_OFFSET = 1e-7
+SOXR_QUALITY = "HQ"  # librosa's default res_type 'soxr_hq'
 
 # The Kaldi-style filterbank (AST / the D&R authors).
 FBANK_SAMPLE_RATE = 16000
@@ -56,14 +72,44 @@ FBANK_NORM_STD = 5.141276
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # torch.finfo(torch.float).eps, Kaldi's log floor
 
 
-def resample(wave: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """Polyphase rate conversion of a mono float waveform (identity when the rates agree)."""
-    if rate_in == rate_out:
-        return wave
-    from scipy.signal import resample_poly
+def as_channels(wave: np.ndarray) -> np.ndarray:
+    """-> (channels, samples) float64; a 1-D waveform is one channel."""
+    x = np.asarray(wave, dtype=np.float64)
+    if x.ndim == 1:
+        return x[None, :]
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"expected a waveform (samples,) or (channels, samples), got shape {x.shape}")
+    return x
 
-    g = math.gcd(int(rate_in), int(rate_out))
-    return resample_poly(wave, rate_out // g, rate_in // g)
+
+def resample_soxr(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """A mono waveform to another rate as librosa.resample(res_type='soxr_hq') does it: the SoX
+    resampler at HQ quality, then cut or zero-padded to ceil(n * rate_out / rate_in) samples."""
+    if rate_in == rate_out:
+        return x
+    import soxr
+
+    y = soxr.resample(x, rate_in, rate_out, quality=SOXR_QUALITY)
+    n = int(math.ceil(x.shape[-1] * float(rate_out) / rate_in))
+    return y[:n] if y.shape[-1] >= n else np.pad(y, (0, n - y.shape[-1]))
+
+
+def resample_ffmpeg(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """A mono waveform to another rate with FFmpeg's resampler (libswresample, through PyAV, at
+    the defaults `ffmpeg -ar` uses), the whole signal as one frame, then flushed."""
+    if rate_in == rate_out:
+        return x
+    import av
+
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x, dtype=np.float64)[None, :], format="dbl",
+                                       layout="mono")
+    frame.sample_rate = int(rate_in)
+    resampler = av.AudioResampler(format="dbl", layout="mono", rate=int(rate_out))
+    chunks = [f.to_ndarray()[0] for f in resampler.resample(frame)]
+    chunks += [f.to_ndarray()[0] for f in resampler.resample(None)]
+    if not chunks:
+        raise ValueError(f"FFmpeg's resampler returned no samples for {x.size} samples at {rate_in} Hz")
+    return np.concatenate(chunks).astype(np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +121,8 @@ def stft_params() -> dict:
         "recipe": "OGM-GE log-STFT",
         "sample_rate": STFT_SAMPLE_RATE,
         "seconds": STFT_SECONDS,
-        "fit": "tile the waveform until it lasts 3 s, cut to 3 s, clip to [-1, 1]",
+        "fit": "tile the waveform exactly 3 times, cut to 3 s (zero-padded to 3 s when shorter, i.e. clips "
+               "under 1 s), clip to [-1, 1]",
         "n_fft": STFT_N_FFT,
         "hop_length": STFT_HOP,
         "window": "hann, periodic (0.5 - 0.5 cos(2 pi n / n_fft))",
@@ -84,8 +131,8 @@ def stft_params() -> dict:
         "value": "log(|STFT| + 1e-7)",
         "shape": list(stft_shape()),
         "layout": "(1, frequency, time) float32 .npy",
-        "resampler": "scipy.signal.resample_poly (Kaiser window, beta 5)",
-        "mono": "mean of the channels",
+        "resampler": "soxr HQ (python-soxr; librosa's soxr_hq), length ceil(n * 22050 / rate)",
+        "mono": "mean of the channels (librosa.load's mono)",
     }
 
 
@@ -94,19 +141,23 @@ def stft_shape() -> Tuple[int, int, int]:
     return (1, STFT_N_FFT // 2 + 1, 1 + n // STFT_HOP)  # (1, 257, 188)
 
 
-def fit_length_tiled(wave: np.ndarray, n: int) -> np.ndarray:
-    """Repeat the waveform until it has n samples, then cut (OGM-GE: np.tile(x, 3)[:3 s])."""
+def tile_three_times(wave: np.ndarray, n: int) -> np.ndarray:
+    """OGM-GE's fit: np.tile(x, 3)[:n]; zero-padded to n samples when three tiles are shorter
+    (a clip under 1 s; module docstring)."""
     if wave.size == 0:
         raise ValueError("the audio has no samples")
-    reps = -(-n // wave.size)
-    return np.tile(wave, reps)[:n]
+    x = np.tile(wave, STFT_TILES)[:n]
+    return np.pad(x, (0, n - x.size)) if x.size < n else x
 
 
 def log_stft(wave: np.ndarray, sample_rate: int) -> np.ndarray:
-    """OGM-GE's CREMA-D audio input from a mono float waveform -> (1, 257, 188) float32."""
-    x = resample(np.asarray(wave, dtype=np.float64), sample_rate, STFT_SAMPLE_RATE)
+    """OGM-GE's CREMA-D audio input from a waveform (channels, samples) -> (1, 257, 188) float32."""
+    mono = as_channels(wave).mean(axis=0)
+    if mono.size == 0:
+        raise ValueError("the audio has no samples")
+    x = resample_soxr(mono, sample_rate, STFT_SAMPLE_RATE)
     n = int(round(STFT_SAMPLE_RATE * STFT_SECONDS))
-    x = np.clip(fit_length_tiled(x, n), -1.0, 1.0)
+    x = np.clip(tile_three_times(x, n), -1.0, 1.0)
     pad = STFT_N_FFT // 2
     x = np.pad(x, pad, mode="reflect")  # centred frames
     n_frames = 1 + (x.size - STFT_N_FFT) // STFT_HOP
@@ -121,7 +172,7 @@ def log_stft(wave: np.ndarray, sample_rate: int) -> np.ndarray:
 # The Kaldi-style filterbank
 # ---------------------------------------------------------------------------------------------
 
-def fbank_params(target_frames: int = FBANK_FRAMES) -> dict:
+def fbank_params(target_frames: int = FBANK_FRAMES, channel: str = "first") -> dict:
     return {
         "recipe": "Kaldi-style log-mel filterbank (AST; torchaudio kaldi.fbank(htk_compat=True, "
                   "use_energy=False, window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10))",
@@ -147,8 +198,10 @@ def fbank_params(target_frames: int = FBANK_FRAMES) -> dict:
         "value": "(fbank - norm_mean) / (2 * norm_std)",
         "shape": list(fbank_shape(target_frames)),
         "layout": "(1, mel bin, frame) float32 .npy",
-        "resampler": "scipy.signal.resample_poly (Kaiser window, beta 5)",
-        "mono": "mean of the channels",
+        "resampler": "FFmpeg's libswresample through PyAV (av.AudioResampler), as ffmpeg -ar 16000",
+        "channel": channel,
+        "channels": ("the first channel, as torchaudio's kaldi.fbank reads it" if channel == "first"
+                     else "the mean of the channels"),
     }
 
 
@@ -202,9 +255,21 @@ def kaldi_fbank(wave: np.ndarray, sample_rate: int, num_mel_bins: int = FBANK_ME
     return np.log(np.maximum(energies, FLOAT32_EPS))
 
 
-def fbank_features(wave: np.ndarray, sample_rate: int, target_frames: int = FBANK_FRAMES) -> np.ndarray:
-    """The full recipe: 16 kHz, filterbank, pad/cut to target_frames, normalise -> (1, 128, T) float32."""
-    x = resample(np.asarray(wave, dtype=np.float64), sample_rate, FBANK_SAMPLE_RATE)
+def pick_channel(wave: np.ndarray, channel: str) -> np.ndarray:
+    """(channels, samples) -> (samples,): the first channel, or the mean of all."""
+    x = as_channels(wave)
+    if channel == "first":
+        return x[0]
+    if channel == "mean":
+        return x.mean(axis=0)
+    raise ValueError(f"unknown fbank channel rule {channel!r}; choose one of {FBANK_CHANNELS}")
+
+
+def fbank_features(wave: np.ndarray, sample_rate: int, target_frames: int = FBANK_FRAMES,
+                   channel: str = "first") -> np.ndarray:
+    """The full recipe: one channel, 16 kHz (FFmpeg's resampler), filterbank, pad/cut to
+    target_frames, normalise -> (1, 128, T) float32."""
+    x = resample_ffmpeg(pick_channel(wave, channel), sample_rate, FBANK_SAMPLE_RATE)
     fb = kaldi_fbank(x, FBANK_SAMPLE_RATE)  # (frames, 128)
     if fb.shape[0] < target_frames:
         fb = np.concatenate([fb, np.zeros((target_frames - fb.shape[0], fb.shape[1]))], axis=0)
@@ -213,19 +278,20 @@ def fbank_features(wave: np.ndarray, sample_rate: int, target_frames: int = FBAN
     return fb.T[None].astype(np.float32)
 
 
-def recipe_params(recipe: str, fbank_frames: int = FBANK_FRAMES) -> dict:
+def recipe_params(recipe: str, fbank_frames: int = FBANK_FRAMES, fbank_channel: str = "first") -> dict:
     if recipe == "stft":
         return stft_params()
     if recipe == "fbank":
-        return fbank_params(fbank_frames)
+        return fbank_params(fbank_frames, fbank_channel)
     raise ValueError(f"unknown audio recipe {recipe!r}; choose one of {RECIPES}")
 
 
-def compute_features(recipe: str, wave: np.ndarray, sample_rate: int, fbank_frames: int = FBANK_FRAMES) -> np.ndarray:
+def compute_features(recipe: str, wave: np.ndarray, sample_rate: int, fbank_frames: int = FBANK_FRAMES,
+                     fbank_channel: str = "first") -> np.ndarray:
     if recipe == "stft":
         out = log_stft(wave, sample_rate)
     elif recipe == "fbank":
-        out = fbank_features(wave, sample_rate, fbank_frames)
+        out = fbank_features(wave, sample_rate, fbank_frames, fbank_channel)
     else:
         raise ValueError(f"unknown audio recipe {recipe!r}; choose one of {RECIPES}")
     if not np.isfinite(out).all():
@@ -261,18 +327,18 @@ def check_wav_complete(path: Path) -> None:
 
 
 def read_wav(path: Path) -> Tuple[np.ndarray, int]:
-    """A WAV file (libsndfile through soundfile) -> (mono float64 waveform in [-1, 1], rate)."""
+    """A WAV file (libsndfile through soundfile) -> (float64 waveform (channels, samples) in [-1, 1], rate)."""
     import soundfile
 
     check_wav_complete(path)
     data, rate = soundfile.read(str(path), dtype="float64", always_2d=True)  # (samples, channels)
     if data.shape[0] == 0:
         raise ValueError("the WAV file holds no samples")
-    return data.mean(axis=1), int(rate)
+    return np.ascontiguousarray(data.T), int(rate)
 
 
 def read_video_audio(path: Path) -> Tuple[np.ndarray, int]:
-    """The first audio stream of a video file (FFmpeg through PyAV) -> (mono float64, rate)."""
+    """The first audio stream of a video file (FFmpeg through PyAV) -> (float64 (channels, samples), rate)."""
     import av
 
     chunks = []
@@ -297,12 +363,12 @@ def read_video_audio(path: Path) -> Tuple[np.ndarray, int]:
     data = np.concatenate(chunks, axis=1).astype(np.float64)  # (channels, samples)
     if data.shape[1] == 0:
         raise ValueError("the audio stream holds no samples")
-    return data.mean(axis=0), int(rate)
+    return data, int(rate)
 
 
 def versions() -> Dict[str, str]:
-    import scipy
     import soundfile
+    import soxr
 
-    return {"numpy": np.__version__, "scipy": scipy.__version__, "soundfile": soundfile.__version__,
-            "libsndfile": soundfile.__libsndfile_version__}
+    return {"numpy": np.__version__, "soundfile": soundfile.__version__,
+            "libsndfile": soundfile.__libsndfile_version__, "soxr": soxr.__version__}

@@ -196,8 +196,10 @@ def build_datasets(name: str, args: argparse.Namespace) -> DataSplits:
     splits = DATASETS[name].build(args)
     cache = getattr(args, "frame_cache", "off")
     if cache != "off" and getattr(splits.train, "frame_cache", "off") != cache:
+        from .clips import PREPARED  # the datasets read from prepare.py's folders, which `pack` caches
+
         raise ValueError(f"--frame_cache {cache}: dataset {name!r} does not read packed frames; the option "
-                         f"applies to the prepared video datasets (cremad, kinetics_sounds, ucf101)")
+                         f"applies to the prepared video datasets ({', '.join(sorted(PREPARED))})")
     for split, ds in splits.items():
         if len(ds) == 0:
             raise ValueError(f"dataset {name!r}: split {split!r} is empty")

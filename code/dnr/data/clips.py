@@ -15,22 +15,30 @@ clip's stored frames in training, the middle one in evaluation.
        training device.
 Either cache mode gives values that differ slightly from the JPEG path (another resampling
 filter, and a second resize where the cache's size differs from the stored frames').
+
+A prepared dataset is one module that declares a `PreparedDataset` (its modalities, split schemes,
+raw input and `collect`) and calls `register_prepared`: that makes both its trainer entry (--dataset
+NAME and the flags --NAME_audio, --NAME_frames, --NAME_image_size, --NAME_split, --NAME_flow_channels
+that apply) and its `script/prepare.py NAME` sub-command.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from .base import DataSplits, DatasetInfo, ModalitySpec, MultimodalDataset, segment_indices
+from .base import DataSplits, DatasetInfo, ModalitySpec, MultimodalDataset, register_dataset, segment_indices
 from .cache import FrameCache, find_size, open_cache
 from .manifest import (FLOW_DIR, FRAMES_DIR, MANIFEST, SPLITS_DIR, audio_dir, flow_names, frame_name,
                        read_manifest, split_path)
+from .prepare import Preparer, register_preparer
 from .splits import SPLITS, read_split_csv
 from .transforms import BatchedFrames, flow_from_uint8, flow_to_tensor, rgb_from_uint8, rgb_transform
 
@@ -245,3 +253,92 @@ def build_prepared(dataset: str, data_path: str, scheme: str, inputs: Sequence[I
         device_transform = BatchedFrames({i.name: (i.kind, i.size, i.channels) for i in frame_inputs})
     return DataSplits(info=info, train=made["train"].view(train=True), train_eval=made["train"],
                       val=made["val"], test=made["test"], device_transform=device_transform)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: one declaration per prepared dataset
+# ---------------------------------------------------------------------------------------------
+
+AUDIO, RGB, FLOW = "audio", "rgb", "flow"  # what feeds a modality: audio features, RGB frames, flow
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """What a prepared dataset's module declares; `register_prepared` does the rest."""
+    name: str                                # --dataset NAME, prepare.py NAME, the flags' prefix
+    title: str                               # the dataset in help texts, e.g. "CREMA-D"
+    description: str                         # one line for --dataset's help
+    modalities: Tuple[Tuple[str, str], ...]  # (modality name, AUDIO | RGB | FLOW), in the model's order
+    frames: int                              # default of --NAME_frames (frames per clip, one per segment)
+    schemes: Tuple[str, ...]                 # the split schemes prepare.py writes; the first is the default
+    scheme_help: str                         # what the schemes are (help of --NAME_split, when several)
+    raw: str                                 # prepare.py's one-line description of the raw input
+    add_prepare_args: Callable[[argparse._ArgumentGroup], None]  # prepare.py NAME's own flags
+    collect: Callable                        # args -> prepare.Collected
+    short_side: int = 0                      # default of prepare.py's --short_side
+
+    def kinds(self) -> List[str]:
+        return [kind for _, kind in self.modalities]
+
+
+PREPARED: Dict[str, PreparedDataset] = {}
+
+
+def register_prepared(spec: PreparedDataset) -> PreparedDataset:
+    """Register the trainer's loader of `spec` (its flags and build) and its preparation sub-command."""
+    bad = [k for k in spec.kinds() if k not in (AUDIO, RGB, FLOW)]
+    if bad or not spec.modalities:
+        raise ValueError(f"dataset {spec.name!r}: modality kinds must be {AUDIO!r}, {RGB!r} or {FLOW!r}, got {bad}")
+    if not spec.schemes:
+        raise ValueError(f"dataset {spec.name!r}: at least one split scheme")
+    if spec.name in PREPARED:
+        raise ValueError(f"prepared dataset {spec.name!r} registered twice")
+    PREPARED[spec.name] = spec
+    register_dataset(spec.name, partial(_add_args, spec),
+                     f"{spec.description}; prepared with script/prepare.py {spec.name}")(partial(_build, spec))
+    register_preparer(Preparer(name=spec.name, description=spec.raw, add_args=spec.add_prepare_args,
+                               collect=spec.collect, audio=AUDIO in spec.kinds(), flow=FLOW in spec.kinds(),
+                               short_side=spec.short_side))
+    return spec
+
+
+def _add_args(spec: PreparedDataset, group: argparse._ArgumentGroup) -> None:
+    n, t = spec.name, spec.title
+    if AUDIO in spec.kinds():
+        group.add_argument(f"--{n}_audio", choices=("auto", "fbank", "stft"), default="auto",
+                           help=f"{t} audio features: fbank (1 x 128 x 1024 Kaldi-style filterbank, the D&R "
+                                f"authors'), stft (1 x 257 x 188 OGM-GE log-STFT); auto = the one prepared, "
+                                f"fbank when both are (default: %(default)s)")
+    if len(spec.schemes) > 1:
+        group.add_argument(f"--{n}_split", choices=spec.schemes, default=spec.schemes[0],
+                           help=f"{t} split scheme: {spec.scheme_help} (default: %(default)s)")
+    framed = [m for m, kind in spec.modalities if kind != AUDIO]
+    group.add_argument(f"--{n}_frames", type=int, default=spec.frames,
+                       help=f"{t} frames per clip fed to the {' and '.join(framed)} encoder"
+                            f"{'s' if len(framed) > 1 else ''}, one per segment (default: %(default)s)")
+    group.add_argument(f"--{n}_image_size", type=int, default=224,
+                       help=f"{t} frame height and width in pixels after crop/resize (default: %(default)s)")
+    if FLOW in spec.kinds():
+        group.add_argument(f"--{n}_flow_channels", type=int, choices=(2, 3), default=2,
+                           help=f"{t} flow channels: 2 = [u, v], 3 = [u, v, u] for three-channel encoders "
+                                f"(default: %(default)s)")
+
+
+def _build(spec: PreparedDataset, args: argparse.Namespace) -> DataSplits:
+    def flag(key: str):
+        return getattr(args, f"{spec.name}_{key}")
+
+    check_positive(flag("frames"), f"--{spec.name}_frames")
+    check_positive(flag("image_size"), f"--{spec.name}_image_size", 16)
+    manifest = open_prepared(spec.name, args.data_path)
+    inputs: List[Input] = []
+    for modality, kind in spec.modalities:
+        if kind == AUDIO:
+            recipe = choose_recipe(manifest, flag("audio"), f"--{spec.name}_audio", Path(args.data_path))
+            inputs.append(AudioInput(modality, recipe))
+        else:
+            channels = flag("flow_channels") if kind == FLOW else 3
+            inputs.append(FramesInput(modality, kind, flag("frames"), flag("image_size"), channels))
+    scheme = flag("split") if len(spec.schemes) > 1 else spec.schemes[0]
+    return build_prepared(spec.name, args.data_path, scheme, inputs, manifest,
+                          frame_cache=getattr(args, "frame_cache", "off"))

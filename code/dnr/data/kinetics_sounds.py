@@ -5,57 +5,25 @@ Raw input: the video files (with their audio track) anywhere under --root, each 
 list entry (`<name>.mp4`, or .mkv/.webm/.avi/.mov/.flv/.m4v). Labels and the train/test split come
 from OGM-GE's lists (rows `name,10,label`: first field the file name, last the label) when given;
 without lists the videos must sit in one folder per class (<root>/<label>/<name>.mp4) and the test
-set is drawn per class. Either way val is drawn from train per class (10%, seeded): no validation
-list is published.
+set is drawn. No validation list is published: val is drawn from train (10% of each class, seeded).
+
+Drawn splits never move a clip when other files come or go: with the lists, val is drawn from the
+full training list (clips no longer available included, then left out); without them, each clip's
+split comes from a seeded hash of its name alone (its class's shares in expectation).
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .base import DataSplits, register_dataset
-from .clips import AudioInput, FramesInput, build_prepared, check_positive, choose_recipe, open_prepared
-from .prepare import Collected, Preparer, RawClip, UsageError, register_preparer
-from .splits import read_ogm_list, stratified_fraction
+from .clips import AUDIO, RGB, PreparedDataset, register_prepared
+from .prepare import Collected, RawClip, UsageError
+from .splits import hash_bands, read_list, stratified_fraction
 
 NAME = "kinetics_sounds"
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".flv", ".m4v")
 SCHEME = "default"
 
-
-# ---------------------------------------------------------------------------------------------
-# Loader
-# ---------------------------------------------------------------------------------------------
-
-def add_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--kinetics_sounds_audio", choices=("auto", "fbank", "stft"), default="auto",
-                       help="Kinetics-Sounds audio features: fbank (1 x 128 x 1024 Kaldi-style filterbank) "
-                            "or stft (1 x 257 x 188 log-STFT); auto = the one prepared, fbank when both are "
-                            "(default: %(default)s)")
-    group.add_argument("--kinetics_sounds_frames", type=int, default=3,
-                       help="Kinetics-Sounds frames per clip fed to the visual encoder, one per segment "
-                            "(default: %(default)s)")
-    group.add_argument("--kinetics_sounds_image_size", type=int, default=224,
-                       help="Kinetics-Sounds frame height and width in pixels after crop/resize "
-                            "(default: %(default)s)")
-
-
-@register_dataset(NAME, add_args, "Kinetics-Sounds: audio + video, 31 classes; prepared with "
-                                  "script/prepare.py kinetics_sounds")
-def build(args: argparse.Namespace) -> DataSplits:
-    check_positive(args.kinetics_sounds_frames, "--kinetics_sounds_frames")
-    check_positive(args.kinetics_sounds_image_size, "--kinetics_sounds_image_size", 16)
-    manifest = open_prepared(NAME, args.data_path)
-    recipe = choose_recipe(manifest, args.kinetics_sounds_audio, "--kinetics_sounds_audio", Path(args.data_path))
-    inputs = [AudioInput("audio", recipe),
-              FramesInput("visual", "rgb", args.kinetics_sounds_frames, args.kinetics_sounds_image_size)]
-    return build_prepared(NAME, args.data_path, SCHEME, inputs, manifest,
-                          frame_cache=getattr(args, "frame_cache", "off"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Preparation
-# ---------------------------------------------------------------------------------------------
 
 def add_prepare_args(group) -> None:
     group.add_argument("--train_list", default=None,
@@ -86,7 +54,7 @@ def find_videos(root: Path) -> dict:
 def _labelled_lists(args, files: dict):
     labels, order = {}, {}
     for flag, path in (("--train_list", args.train_list), ("--test_list", args.test_list)):
-        for name, label in read_ogm_list(Path(path)):
+        for name, label in read_list(Path(path)):
             if name in labels and labels[name] != label:
                 raise UsageError(f"{flag} {path}: clip {name!r} has label {label!r}, already listed with "
                                  f"{labels[name]!r}")
@@ -114,8 +82,11 @@ def collect(args: argparse.Namespace) -> Collected:
                 missing[name] = f"no video file named <name>{{{','.join(VIDEO_EXTENSIONS)}}} under --root"
         unlisted = len(set(files) - set(labels))
         if unlisted:
-            notes.append(f"{unlisted} video file(s) under --root are in neither list and were ignored")
-        how = "train/test from the given OGM-GE lists"
+            notes.append(f"{unlisted} video file(s) under --root are in none of the lists and were ignored")
+        # From the full training list, so that a clip that is (or becomes) available moves no other.
+        val, train = stratified_fraction(train_all, labels, args.val_fraction, (args.seed, 1))
+        how = (f"train/test from the given lists; val drawn from the listed training clips per class "
+               f"({args.val_fraction:g}, seed {args.seed})")
     else:
         labels = {}
         for name, p in files.items():
@@ -124,29 +95,32 @@ def collect(args: argparse.Namespace) -> Collected:
                 raise UsageError(f"--root {root}: {rel} is not in a class folder; without --train_list/--test_list "
                                  f"the videos must sit in <root>/<label>/<name>.mp4")
             labels[name] = rel.parts[-2]
-        present = sorted(files)
-        test, train_all = stratified_fraction(present, labels, args.test_fraction, (args.seed, 0))
-        how = f"labels from the class folders; test drawn per class ({args.test_fraction:g}, seed {args.seed})"
+        f, v = args.test_fraction, args.val_fraction
+        test, val, train = hash_bands(sorted(files), [f, f + v * (1.0 - f)], args.seed, "kinetics_sounds clip")
+        how = (f"labels from the class folders; each clip by a seeded hash of its name (seed {args.seed}): test "
+               f"{f:g}, val {v:g} of the rest, per class in expectation")
     classes = sorted(set(labels.values()))
     if len(classes) < 2:
         raise UsageError(f"--root {root}: found {len(classes)} class(es); need at least 2")
-    train_all = [n for n in train_all if n in files]
-    test = [n for n in test if n in files]
-    val, train = stratified_fraction(train_all, labels, args.val_fraction, (args.seed, 1))
-    how += f"; val drawn from train per class ({args.val_fraction:g}, seed {args.seed})"
+    parts = {"train": [n for n in train if n in files], "val": [n for n in val if n in files],
+             "test": [n for n in test if n in files]}
     clips = [RawClip(id=n, label=labels[n], video=files[n], audio=None,
                      source={"video": str(files[n].relative_to(root))})
-             for n in sorted(set(train_all) | set(test))]
-    return Collected(classes=classes, clips=clips, splits={SCHEME: {"train": train, "val": val, "test": test}},
-                     split_notes={SCHEME: how}, missing=missing, notes=notes)
+             for n in sorted(set(train) | set(val) | set(test)) if n in files]
+    return Collected(classes=classes, clips=clips, splits={SCHEME: parts}, split_notes={SCHEME: how},
+                     missing=missing, notes=notes)
 
 
-register_preparer(Preparer(
+register_prepared(PreparedDataset(
     name=NAME,
-    description="Kinetics-Sounds from video files with audio (and OGM-GE's lists)",
-    add_args=add_prepare_args,
+    title="Kinetics-Sounds",
+    description="Kinetics-Sounds: audio + video, 31 classes",
+    modalities=(("audio", AUDIO), ("visual", RGB)),
+    frames=3,
+    schemes=(SCHEME,),
+    scheme_help="",
+    raw="Kinetics-Sounds from video files with audio (and OGM-GE's lists)",
+    add_prepare_args=add_prepare_args,
     collect=collect,
-    audio=True,
-    flow=False,
     short_side=256,
 ))

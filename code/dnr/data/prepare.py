@@ -11,29 +11,47 @@ all exist, prepare the others in parallel (decode, features, frames, flow), each
 temporary folder under <out>/.tmp and moved into place only when all of it succeeded, so an
 interrupted or failed clip never leaves a half-written output; then write the split files and
 the manifest (only when their content changed: a second run changes nothing) and print a summary
-(written, skipped, failed with the reason, listed but missing). Exit status: 0 when every clip is
-prepared, 1 when some failed (they are left out of the splits), 2 on a usage error.
+(written, skipped, failed with the reason, listed but missing with the clip names, warnings).
+
+Checks per clip (`--duration_tolerance`, seconds): a video whose data ends before the duration its
+file declares, by more than the tolerance, was cut short (a truncated download) and fails, since
+decoders read it without complaint; the decoded video against the declared duration and against
+the audio's, no declared duration at all, and silent audio are warnings: the clip is prepared, and
+the summary and the manifest (key 'warnings'; the measured durations under each clip's 'probe')
+name it.
+
+Exit status: 0 when every clip found or listed is prepared (warnings allowed); 1 when some failed
+(left out of the splits, retried by the next run) or are listed but missing (their files are not
+there); 2 on a usage error (a bad flag, list or raw layout; nothing written).
+
+The worker processes import only NumPy and the decoders (PyAV, soundfile, soxr, OpenCV, Pillow),
+never torch (the package's __init__ is lazy), and die with the tool: on Linux the kernel kills
+them when it dies (prctl PR_SET_PDEATHSIG), elsewhere they notice it within a second.
 
 `pack` decodes a prepared folder's frames (and flow) once into a memory-mapped uint8 cache inside
 it, for the trainer's --frame_cache (cache.py says what it writes and how it is checked).
 
-Decoding libraries: PyAV (FFmpeg's libraries, bundled in its wheels) for every video container and
-container these datasets come in (FLV, MP4, WebM, MKV, AVI) with exact timestamps; soundfile
-(libsndfile) for WAV; OpenCV for optical flow and resizing; Pillow for JPEG.
+Decoding libraries: PyAV (FFmpeg's libraries, bundled in its wheels) for every video container
+these datasets come in (FLV, MP4, WebM, MKV, AVI) with exact timestamps, and for rate conversion
+to 16 kHz; soundfile (libsndfile) for WAV; python-soxr for rate conversion to 22,050 Hz (the STFT
+recipe, as librosa); OpenCV for optical flow and resizing; Pillow for JPEG.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
+import ctypes
 import json
 import multiprocessing
 import os
 import platform
 import re
 import shutil
+import signal
 import sys
-from collections import Counter, deque
+import threading
+import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -57,6 +75,8 @@ from .splits import SPLITS, split_csv_text
 TMP_DIR = ".tmp"
 LOCK = ".prepare.lock"
 FRAME_FILE = re.compile(r"^frame_\d{4}\.jpg$")
+DURATION_TOLERANCE = 0.5  # s: at 1 fps, a smaller difference moves the frame count by one at most
+SILENCE_PEAK = 1e-3       # an audio track whose peak is below -60 dBFS is reported as silent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +146,22 @@ class Task:
     flow_bound: float
     fbank_frames: int
     root: str
+    fbank_channel: str = "first"
+    tolerance: float = DURATION_TOLERANCE
+    probe_video: bool = False      # measure the video's durations even when nothing of it is written
+    probe_audio: bool = False      # measure the audio's duration and peak even when no recipe is written
+
+    def writes(self) -> bool:
+        return bool(self.frames or self.flow or self.recipes)
+
+
+@dataclass
+class Outcome:
+    clip: str
+    error: Optional[str] = None    # why the clip failed; None: it succeeded
+    # What was measured, the manifest's per-clip 'probe': video_s (decoded), declared_s (None: the file
+    # declares none), audio_s, audio_peak; only what this task decoded.
+    probe: Dict[str, Optional[float]] = field(default_factory=dict)
 
 
 def _save_jpeg(array: np.ndarray, path: Path, quality: int) -> None:
@@ -139,29 +175,45 @@ def _reason(err: BaseException, where: str, root: str) -> str:
     return f"{where}: {text}"
 
 
-def prepare_clip(t: Task) -> Tuple[str, Optional[str]]:
-    """Prepare what `t` asks for -> (clip, None) or (clip, why it failed). Never raises, and
-    moves nothing into place unless everything for the clip succeeded."""
+def truncation(sampled: "video_lib.SampledVideo", tolerance: float) -> Optional[str]:
+    """Why a decoded video counts as cut short, or None (module docstring)."""
+    if sampled.declared is not None and sampled.data_end < sampled.declared - tolerance:
+        return (f"truncated or cut short: its data ends at {sampled.data_end:.2f} s ({sampled.decoded} pictures, "
+                f"{sampled.duration:.2f} s of video), the file declares {sampled.declared:.2f} s")
+    return None
+
+
+def prepare_clip(t: Task) -> Outcome:
+    """Prepare what `t` asks for -> its Outcome. Never raises, and moves nothing into place unless
+    everything for the clip succeeded."""
     out = Path(t.out)
     tmp = out / TMP_DIR / f"{t.clip}.{os.getpid()}"
+    probe: Dict[str, Optional[float]] = {}
     try:
         features = {}
-        if t.recipes:
+        if t.recipes or t.probe_audio:
             try:
                 if t.audio is not None:
                     wave, rate = audio_lib.read_wav(Path(t.audio))
                 else:
                     wave, rate = audio_lib.read_video_audio(Path(t.video))
+                probe["audio_s"] = round(wave.shape[1] / rate, 3)
+                probe["audio_peak"] = round(float(np.abs(wave).max()), 6)
                 for r in t.recipes:
-                    features[r] = audio_lib.compute_features(r, wave, rate, t.fbank_frames)
+                    features[r] = audio_lib.compute_features(r, wave, rate, t.fbank_frames, t.fbank_channel)
             except Exception as err:  # noqa: BLE001  (any decoder error is this clip's failure)
-                return t.clip, _reason(err, t.audio_rel, t.root)
+                return Outcome(t.clip, _reason(err, t.audio_rel, t.root))
         sampled = None
-        if t.frames or t.flow:
+        if t.frames or t.flow or t.probe_video:
             try:
                 sampled = video_lib.sample_video(Path(t.video), t.fps, t.short_side, t.flow)
             except Exception as err:  # noqa: BLE001
-                return t.clip, _reason(err, t.video_rel, t.root)
+                return Outcome(t.clip, _reason(err, t.video_rel, t.root))
+            probe["video_s"] = round(sampled.duration, 3)
+            probe["declared_s"] = None if sampled.declared is None else round(sampled.declared, 3)
+            cut = truncation(sampled, t.tolerance)
+            if cut:
+                return Outcome(t.clip, f"{t.video_rel}: {cut}")
         try:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -187,13 +239,39 @@ def prepare_clip(t: Task) -> Tuple[str, Optional[str]]:
                 (out / audio_dir(r)).mkdir(exist_ok=True)
                 os.replace(tmp / f"{audio_dir(r)}.npy", out / audio_dir(r) / f"{t.clip}.npy")
         except Exception as err:  # noqa: BLE001
-            return t.clip, _reason(err, f"writing {t.clip}", t.root)
-        return t.clip, None
+            return Outcome(t.clip, _reason(err, f"writing {t.clip}", t.root))
+        return Outcome(t.clip, None, probe)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _init_worker() -> None:
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with(parent: int) -> None:
+    """Make this worker end when the process that started it ends, even by SIGKILL (which runs no
+    clean-up in the parent): otherwise it would go on preparing clips into a folder whose lock is
+    gone. Linux: the kernel sends SIGKILL at the parent's death (prctl); everywhere: a thread checks
+    the parent id every half second (a dead parent's children are re-parented)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: the watchdog below still works
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _init_worker(parent: int) -> None:
+    _die_with(parent)
     import cv2
 
     cv2.setNumThreads(1)  # one clip per process: no thread oversubscription
@@ -206,19 +284,19 @@ def _progress_bar(total: int, enabled: bool, desc: str):
 
 
 def run_tasks(tasks: Sequence[Task], workers: int, progress: bool, desc: str,
-              work: Callable = prepare_clip) -> Dict[str, Optional[str]]:
-    """Run `work` on every task (in `workers` processes when > 1) -> {clip: None or failure reason}.
+              work: Callable = prepare_clip) -> Dict[str, Outcome]:
+    """Run `work` (task -> Outcome) on every task (in `workers` processes when > 1) -> {clip: Outcome}.
 
     A decoder that crashes its process (not only raises) breaks the pool: the clips that were in
     flight are then retried one at a time in a one-process pool, so the culprit is reported as
     failed and the others are prepared."""
-    results: Dict[str, Optional[str]] = {}
+    results: Dict[str, Outcome] = {}
     bar = _progress_bar(len(tasks), progress, desc)
     try:
         if workers <= 1 or len(tasks) <= 1:
             for t in tasks:
-                clip, reason = work(t)
-                results[clip] = reason
+                done = work(t)
+                results[done.clip] = done
                 bar.update()
             return results
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch/FFmpeg state
@@ -226,26 +304,33 @@ def run_tasks(tasks: Sequence[Task], workers: int, progress: bool, desc: str,
         while queue:
             suspects = deque(_pool_pass(queue, workers, ctx, results, bar, work))
             while suspects:
-                with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker) as ex:
+                with _pool(1, ctx) as ex:
                     while suspects:
                         t = suspects.popleft()
                         try:
-                            clip, reason = ex.submit(work, t).result()
+                            done = ex.submit(work, t).result()
                         except BrokenProcessPool:
-                            results[t.clip] = f"{t.video_rel}: the process preparing it died (a crash in a decoder?)"
+                            results[t.clip] = Outcome(t.clip, f"{t.video_rel}: the process preparing it died (a "
+                                                              f"crash in a decoder?)")
                             bar.update()
                             break  # this pool is gone; the next suspects get a fresh one
-                        results[clip] = reason
+                        results[done.clip] = done
                         bar.update()
         return results
     finally:
         bar.close()
 
 
+def _pool(workers: int, ctx) -> ProcessPoolExecutor:
+    # Created (and its processes started, on submit) by this thread: PR_SET_PDEATHSIG follows the
+    # thread that started a process, so the workers must not come from a helper thread.
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),))
+
+
 def _pool_pass(queue: deque, workers: int, ctx, results: dict, bar, work: Callable) -> List[Task]:
     """Run tasks from the queue until it is empty -> [] or, if a process died, the tasks in flight."""
     inflight = {}
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as ex:
+    with _pool(workers, ctx) as ex:
         try:
             while queue or inflight:
                 # At most 2 tasks per worker in flight: few suspects if a process dies.
@@ -254,9 +339,9 @@ def _pool_pass(queue: deque, workers: int, ctx, results: dict, bar, work: Callab
                     inflight[ex.submit(work, t)] = t
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 for f in done:
-                    clip, reason = f.result()
+                    outcome = f.result()
                     del inflight[f]
-                    results[clip] = reason
+                    results[outcome.clip] = outcome
                     bar.update()
         except BrokenProcessPool:
             return list(inflight.values())
@@ -285,7 +370,7 @@ def _parameters(prep: Preparer, args) -> dict:
         if bad or not recipes:
             raise UsageError(f"--audio {args.audio!r}: use one or more of {','.join(audio_lib.RECIPES)}, "
                              f"comma-separated")
-    params["audio"] = {r: audio_lib.recipe_params(r, args.fbank_frames) for r in recipes}
+    params["audio"] = {r: audio_lib.recipe_params(r, args.fbank_frames, args.fbank_channel) for r in recipes}
     return params
 
 
@@ -340,6 +425,8 @@ def run(prep: Preparer, args: argparse.Namespace) -> int:
              (args.workers >= 1, f"--workers must be >= 1, got {args.workers}"),
              (args.short_side >= 0, f"--short_side must be >= 0 (0 keeps the size), got {args.short_side}"),
              (1 <= args.jpeg_quality <= 100, f"--jpeg_quality must lie in [1, 100], got {args.jpeg_quality}")]
+    rules.append((args.duration_tolerance > 0,
+                  f"--duration_tolerance must be > 0 seconds, got {args.duration_tolerance}"))
     if prep.audio:
         rules.append((args.fbank_frames >= 1, f"--fbank_frames must be >= 1, got {args.fbank_frames}"))
     if prep.flow:
@@ -380,11 +467,15 @@ def _run_locked(prep, args, root: Path, out: Path, params: dict, collected: Coll
             raise UsageError(f"{out / MANIFEST} is not valid JSON ({err}); remove it to rebuild it") from None
     params = _merge_with_existing(old, prep, params, collected.classes, out)
     shutil.rmtree(out / TMP_DIR, ignore_errors=True)  # left by a killed run; the lock says none is running
+    # What earlier runs measured (kept, so that a skipped clip keeps its checks).
+    old_probe = {c: dict(e.get("probe", {})) for c, e in (old or {}).get("clips", {}).items()}
 
     tasks, skipped = [], 0
     for c in collected.clips:
         frames, flow, recipes = _needs(c, out, params)
-        if not (frames or flow or recipes):
+        known = old_probe.get(c.id, {})
+        probe_video, probe_audio = "video_s" not in known, prep.audio and "audio_s" not in known
+        if not (frames or flow or recipes or probe_video or probe_audio):
             skipped += 1
             continue
         tasks.append(Task(clip=c.id, out=str(out), video=str(c.video), audio=str(c.audio) if c.audio else None,
@@ -393,22 +484,31 @@ def _run_locked(prep, args, root: Path, out: Path, params: dict, collected: Coll
                           frames=frames, flow=args.flow if (flow and prep.flow) else None, recipes=recipes,
                           fps=args.fps, short_side=args.short_side, jpeg_quality=args.jpeg_quality,
                           flow_bound=getattr(args, "flow_bound", 0.0),
-                          fbank_frames=getattr(args, "fbank_frames", audio_lib.FBANK_FRAMES), root=str(root)))
+                          fbank_frames=getattr(args, "fbank_frames", audio_lib.FBANK_FRAMES), root=str(root),
+                          fbank_channel=getattr(args, "fbank_channel", "first"), tolerance=args.duration_tolerance,
+                          probe_video=probe_video, probe_audio=bool(probe_audio)))
     progress = _progress(args)
     results = run_tasks(tasks, args.workers, progress, desc=f"prepare {prep.name}")
     shutil.rmtree(out / TMP_DIR, ignore_errors=True)
 
     # The final state is read from the disk, so that the manifest describes what is there.
-    clips, failed = {}, {}
+    clips, failed, warnings = {}, {}, {}
     for c in collected.clips:
+        done = results.get(c.id)
         frames, flow, recipes = _needs(c, out, params)
-        if frames or flow or recipes:
-            failed[c.id] = results.get(c.id) or "outputs incomplete"
+        if (done is not None and done.error) or frames or flow or recipes:
+            failed[c.id] = (done.error if done is not None else None) or "outputs incomplete"
             continue
-        clips[c.id] = {"label": c.label, "frames": _frame_count(out, c.id), "source": c.source, **c.meta}
+        probe = {**old_probe.get(c.id, {}), **(done.probe if done is not None else {})}
+        clips[c.id] = {"label": c.label, "frames": _frame_count(out, c.id), "source": c.source, **c.meta,
+                       "probe": dict(sorted(probe.items()))}
         if clips[c.id]["frames"] < 1:
             failed[c.id] = f"{FRAMES_DIR}/{c.id}: no frame"
             del clips[c.id]
+            continue
+        found = clip_warnings(probe, args.duration_tolerance)
+        if found:
+            warnings[c.id] = found
 
     split_counts = {}
     for scheme, parts in sorted(collected.splits.items()):
@@ -421,10 +521,11 @@ def _run_locked(prep, args, root: Path, out: Path, params: dict, collected: Coll
             counts[f"{split}_failed_left_out"] = sum(1 for i in parts.get(split, []) if i not in clips)
         split_counts[scheme] = {"how": collected.split_notes.get(scheme, ""), **counts}
 
+    written = sum(1 for t in tasks if t.writes() and not results[t.clip].error)
+    checked = sum(1 for t in tasks if not t.writes() and not results[t.clip].error)
     versions = list(old.get("versions", [])) if old else []
     current = library_versions()
-    wrote = sum(1 for t in tasks if results.get(t.clip) is None)
-    if wrote and current not in versions:
+    if written and current not in versions:
         versions.append(current)
     manifest = {
         "format": FORMAT,
@@ -433,30 +534,63 @@ def _run_locked(prep, args, root: Path, out: Path, params: dict, collected: Coll
         "frames": params["frames"],
         "flow": params.get("flow"),
         "audio": params["audio"],
+        "checks": {"duration_tolerance_s": args.duration_tolerance, "silence_peak": SILENCE_PEAK,
+                   "truncated": "fails: the data ends before the declared duration minus the tolerance",
+                   "warnings": "decoded video vs declared duration and vs audio beyond the tolerance; no "
+                               "declared duration; audio peak under silence_peak"},
         "splits": split_counts,
         "clips": clips,
         "failed": failed,
         "missing": collected.missing,
+        "warnings": warnings,
         "versions": versions,
     }
     changed = write_text_if_changed(out / MANIFEST, manifest_text(manifest))
-    _summary(prep, out, collected, len(tasks), skipped, results, failed, split_counts, changed)
-    return 1 if failed else 0
+    _summary(prep, out, collected, written, checked, skipped, failed, warnings, split_counts, changed)
+    return 1 if failed or collected.missing else 0
 
 
-def _summary(prep, out, collected, n_tasks, skipped, results, failed, split_counts, changed) -> None:
-    written = sum(1 for r in results.values() if r is None)
+def clip_warnings(probe: dict, tolerance: float) -> List[str]:
+    """What a clip's measured durations and audio peak (its manifest 'probe') say that the user
+    should check; the clip itself is prepared."""
+    found = []
+    video, declared, audio, peak = (probe.get(k) for k in ("video_s", "declared_s", "audio_s", "audio_peak"))
+    if video is not None and declared is None:
+        found.append(f"the video file declares no duration, so a truncated file cannot be told (decoded "
+                     f"{video:.2f} s)")
+    if video is not None and declared is not None and abs(video - declared) > tolerance:
+        found.append(f"the video decodes to {video:.2f} s, its file declares {declared:.2f} s")
+    if video is not None and audio is not None and abs(video - audio) > tolerance:
+        found.append(f"the video lasts {video:.2f} s, the audio {audio:.2f} s")
+    if peak is not None and peak < SILENCE_PEAK:
+        found.append(f"the audio is silent (peak {peak:g}, under {SILENCE_PEAK:g})")
+    return found
+
+
+SHOWN = 20  # clips named per list in the summary; the manifest has them all
+
+
+def _summary(prep, out, collected, written, checked, skipped, failed, warnings, split_counts, changed) -> None:
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     say(f"{prep.name} -> {out}: {len(collected.clips)} clips found; {written} written, {skipped} skipped "
-        f"(already done), {len(failed)} failed, {len(collected.missing)} listed but missing")
+        f"(already done), {len(failed)} failed, {len(collected.missing)} listed but missing"
+        + (f"; {checked} checked (outputs there, durations measured)" if checked else ""))
     if failed:
         say("failed (left out of the splits; rerun to retry them):")
         for clip, reason in sorted(failed.items()):
             say(f"  {clip}: {reason}")
     if collected.missing:
-        kinds = Counter(collected.missing.values())
-        say("listed but missing: " + "; ".join(f"{n} x {why}" for why, n in kinds.most_common(5))
-            + f" (every one in {out / MANIFEST}, key 'missing')")
+        say("listed but missing (their files are not under --root; left out):")
+        for clip, why in sorted(collected.missing.items())[:SHOWN]:
+            say(f"  {clip}: {why}")
+        if len(collected.missing) > SHOWN:
+            say(f"  ... and {len(collected.missing) - SHOWN} more (every one in {out / MANIFEST}, key 'missing')")
+    if warnings:
+        say(f"warnings ({len(warnings)} clips, prepared; every one in {out / MANIFEST}, key 'warnings'):")
+        for clip, found in sorted(warnings.items())[:SHOWN]:
+            say(f"  {clip}: {'; '.join(found)}")
+        if len(warnings) > SHOWN:
+            say(f"  ... and {len(warnings) - SHOWN} more")
     for note in collected.notes:
         say(f"note: {note}")
     for scheme, c in split_counts.items():
@@ -467,6 +601,8 @@ def _summary(prep, out, collected, n_tasks, skipped, results, failed, split_coun
             if c[s] == 0:
                 say(f"warning: split '{scheme}/{s}' is empty; the loader will refuse it")
     say(f"manifest {'written' if changed else 'unchanged'}: {out / MANIFEST}")
+    if failed or collected.missing:
+        say(f"exit status 1: {len(failed)} failed, {len(collected.missing)} listed but missing")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,6 +629,10 @@ def _add_common(p: argparse.ArgumentParser, prep: Preparer) -> None:
         g.add_argument("--fbank_frames", type=int, default=audio_lib.FBANK_FRAMES,
                        help="filterbank frames (10 ms each) after zero-padding or cutting "
                             f"(default: {audio_lib.FBANK_FRAMES})")
+        g.add_argument("--fbank_channel", choices=audio_lib.FBANK_CHANNELS, default="first",
+                       help="which channel of a multi-channel file the filterbank reads: first (as "
+                            "torchaudio's kaldi.fbank on the D&R authors' WAVs) or mean (default: first; the "
+                            "stft recipe always averages the channels, as librosa.load)")
     if prep.flow:
         g = p.add_argument_group("optical flow")
         g.add_argument("--flow", choices=video_lib.FLOW_METHODS, default="farneback",
@@ -500,6 +640,11 @@ def _add_common(p: argparse.ArgumentParser, prep: Preparer) -> None:
         g.add_argument("--flow_bound", type=float, default=20.0,
                        help="flow magnitude, in pixels, mapped to the ends of the 8-bit range; larger "
                             "values are clipped (default: 20)")
+    g = p.add_argument_group("checks")
+    g.add_argument("--duration_tolerance", type=float, default=DURATION_TOLERANCE,
+                   help="seconds: a video whose data ends this much before the duration its file declares "
+                        "fails as truncated; larger differences between the decoded video, the declared "
+                        f"duration and the audio are reported as warnings (default: {DURATION_TOLERANCE:g})")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of the splits that are drawn (default: 0)")
     g.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -552,7 +697,9 @@ def run_pack(args: argparse.Namespace) -> int:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    importlib.import_module(__package__)  # the package imports every dataset module: each registers its preparer
+    from . import register_all
+
+    register_all()  # every dataset module registers its preparer when imported
 
     p = argparse.ArgumentParser(
         prog="prepare.py",

@@ -1,13 +1,26 @@
 """Split making (stratified, seeded) and the split files, shared by the preparation tool and the
 loaders.
 
-Every draw starts from the clip ids sorted, so a split depends only on the clips, the labels,
-the fraction and the seed. A split file is a CSV with the header `clip,label` and one clip per
-row, sorted by clip id.
+A drawn split must not move a clip when other clips come and go (a file missing from a partial
+download, then downloaded and prepared by a second run), so every draw here depends either on the
+clip alone or on a list that does not change with the files on disk:
+
+  hash_bands        a clip's split from a seeded hash of its id alone (`unit_hash`): per class the
+                    shares match the fractions in expectation (binomially: about 127 +- 11 test
+                    clips of CREMA-D's ~1,270 per class at 10%), not exactly;
+  numbered_blocks   for numbered keys (CREMA-D's actors 1001-1091): one key of every block of
+                    consecutive numbers per held-out split, chosen by the hash; exact to one key;
+  take_per_class,   an exact stratified draw from a *listed* set (a published list, with the
+  stratified_fraction, partition_by_key   clips whose files are missing still in it); callers
+                    pass the full list and drop the missing clips afterwards.
+
+A split file is a CSV with the header `clip,label` and one clip per row, sorted by clip id. The
+published lists (`read_list`) may carry a header row, a byte-order mark and CRLF line ends.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 from collections import defaultdict
@@ -77,22 +90,78 @@ def partition_by_key(ids: Sequence[str], key: Mapping[str, str], n_first: int, n
     return a, b, rest
 
 
+def unit_hash(seed, salt: str, key: str) -> float:
+    """A number in [0, 1) that depends on (seed, salt, key) only: the first 8 bytes of a SHA-256,
+    so it is the same on every machine and Python version (Python's own hash() is salted)."""
+    digest = hashlib.sha256(f"{seed}\x1f{salt}\x1f{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def hash_bands(ids: Iterable[str], bounds: Sequence[float], seed, salt: str) -> List[List[str]]:
+    """Cut [0, 1) at the increasing `bounds` and put every clip in the band of its unit_hash ->
+    len(bounds) + 1 sorted lists. Band i holds a share bounds[i] - bounds[i - 1] of each class in
+    expectation; a clip's band never depends on the other clips."""
+    if list(bounds) != sorted(bounds) or not all(0.0 <= b <= 1.0 for b in bounds):
+        raise ValueError(f"band bounds must increase within [0, 1], got {list(bounds)}")
+    out: List[List[str]] = [[] for _ in range(len(bounds) + 1)]
+    for i in sorted(ids):
+        u = unit_hash(seed, salt, i)
+        out[sum(1 for b in bounds if u >= b)].append(i)
+    return out
+
+
+def numbered_blocks(keys: Iterable[str], block: int, seed, salt: str) -> Dict[str, int]:
+    """For keys that are integers (actor ids): cut the integers into blocks of `block` consecutive
+    numbers ((n - 1) // block, so 1001-1010 is one block of 10) and rank the numbers of each block,
+    present or not, by their unit_hash -> {key: its rank in its block}. Taking rank 0 for one split
+    and rank 1 for another holds out one key in every `block` consecutive numbers, exactly, and a
+    key's rank never depends on which other keys are present."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    ranks = {}
+    for k in keys:
+        if not str(k).isdigit():
+            raise ValueError(f"numbered_blocks needs integer keys, got {k!r}")
+        n = int(k)
+        first = (n - 1) // block * block + 1
+        order = sorted(range(first, first + block), key=lambda m: unit_hash(seed, salt, str(m)))
+        ranks[k] = order.index(n)
+    return ranks
+
+
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
 
-def read_ogm_list(path: Path) -> List[Tuple[str, str]]:
-    """An OGM-GE list: rows `clip,LABEL` (CREMA-D) or `name,10,label` (Kinetics-Sounds): the
-    first field is the clip, the last the label -> [(clip, label)], in file order."""
+# Column names that mark the first row of a list as a header (the D&R authors' CREMA-D lists start
+# with `name,label`); no dataset here has a clip or a class of these names.
+HEADER_FIELDS = frozenset({"name", "clip", "clip_id", "id", "youtube_id", "video", "file", "filename", "path",
+                           "label", "labels", "class", "class_name", "category", "emotion"})
+
+
+def list_lines(path: Path) -> List[Tuple[int, str]]:
+    """The non-empty lines of a text list -> [(line number, stripped line)]: a UTF-8 byte-order
+    mark, CRLF or CR line ends and surrounding blanks are accepted."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"list file {path} does not exist")
+    text = path.read_bytes().decode("utf-8-sig")
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def is_header(fields: Sequence[str]) -> bool:
+    return bool(fields) and (fields[0].lower() in HEADER_FIELDS or fields[-1].lower() in HEADER_FIELDS)
+
+
+def read_list(path: Path) -> List[Tuple[str, str]]:
+    """A published clip list: rows `clip,LABEL` (OGM-GE's and the D&R authors' CREMA-D lists) or
+    `name,10,label` (OGM-GE's Kinetics-Sounds lists); the first field is the clip, the last the
+    label; a first row naming columns (`name,label`) is skipped -> [(clip, label)], in file order."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        line = line.strip()
-        if not line:
+    for k, (n, line) in enumerate(list_lines(path)):
+        fields = [f.strip().strip('"') for f in line.split(",")]
+        if k == 0 and is_header(fields):
             continue
-        fields = [f.strip() for f in line.split(",")]
         if len(fields) < 2 or not fields[0] or not fields[-1]:
             raise ValueError(f"{path}:{n}: expected 'clip,label' or 'name,N,label', got {line!r}")
         rows.append((fields[0], fields[-1]))

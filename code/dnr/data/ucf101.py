@@ -8,7 +8,9 @@ trainlist0N.txt, testlist0N.txt). Each list path is taken relative to --root exa
 Split schemes: one per official fold present (1, 2, 3), `--ucf101_split`. Clips of one group
 (gGG) are cut from the same long video, and the official folds keep groups apart; val keeps
 that: it is every training clip of `--val_groups` groups drawn from the fold's training groups
-(seeded), so no group is in both train and val, and every class loses the same share.
+(seeded), so no group is in both train and val, and every class loses the same share. The groups
+are drawn from the fold's training *list*, so a missing video moves no clip between splits.
+The list files may have CRLF line ends and a byte-order mark.
 """
 from __future__ import annotations
 
@@ -16,47 +18,14 @@ import argparse
 import re
 from pathlib import Path
 
-from .base import DataSplits, register_dataset
-from .clips import FramesInput, build_prepared, check_positive, open_prepared
-from .prepare import Collected, Preparer, RawClip, UsageError, register_preparer
-from .splits import partition_by_key
+from .clips import FLOW, RGB, PreparedDataset, register_prepared
+from .prepare import Collected, RawClip, UsageError
+from .splits import list_lines, partition_by_key
 
 NAME = "ucf101"
 FOLDS = ("1", "2", "3")
 GROUP = re.compile(r"_g(\d+)_c(\d+)$")
 
-
-# ---------------------------------------------------------------------------------------------
-# Loader
-# ---------------------------------------------------------------------------------------------
-
-def add_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--ucf101_split", choices=FOLDS, default="1",
-                       help="UCF-101 official fold (default: %(default)s)")
-    group.add_argument("--ucf101_frames", type=int, default=3,
-                       help="UCF-101 frames (and flow frames) per clip, one per segment (default: %(default)s)")
-    group.add_argument("--ucf101_image_size", type=int, default=224,
-                       help="UCF-101 frame height and width in pixels after crop/resize (default: %(default)s)")
-    group.add_argument("--ucf101_flow_channels", type=int, choices=(2, 3), default=2,
-                       help="UCF-101 flow channels: 2 = [u, v], 3 = [u, v, u] for three-channel encoders "
-                            "(default: %(default)s)")
-
-
-@register_dataset(NAME, add_args, "UCF-101: RGB frames + optical flow, 101 actions; prepared with "
-                                  "script/prepare.py ucf101")
-def build(args: argparse.Namespace) -> DataSplits:
-    check_positive(args.ucf101_frames, "--ucf101_frames")
-    check_positive(args.ucf101_image_size, "--ucf101_image_size", 16)
-    manifest = open_prepared(NAME, args.data_path)
-    inputs = [FramesInput("rgb", "rgb", args.ucf101_frames, args.ucf101_image_size, 3),
-              FramesInput("flow", "flow", args.ucf101_frames, args.ucf101_image_size, args.ucf101_flow_channels)]
-    return build_prepared(NAME, args.data_path, args.ucf101_split, inputs, manifest,
-                          frame_cache=getattr(args, "frame_cache", "off"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Preparation
-# ---------------------------------------------------------------------------------------------
 
 def add_prepare_args(group) -> None:
     group.add_argument("--splits_dir", required=True,
@@ -69,9 +38,7 @@ def _read_class_index(path: Path) -> list:
     if not path.is_file():
         raise UsageError(f"--splits_dir: {path} does not exist (UCF-101's classInd.txt)")
     classes = []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in list_lines(path):
         parts = line.split()
         if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) != len(classes) + 1:
             raise UsageError(f"{path}:{n}: expected '{len(classes) + 1} ClassName', got {line.strip()!r}")
@@ -84,10 +51,8 @@ def _read_class_index(path: Path) -> list:
 def _read_list(path: Path, classes: list) -> list:
     """-> [(relative path, label)] of trainlist0N.txt ('Class/v_..avi N') or testlist0N.txt."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for n, line in list_lines(path):
         parts = line.split()
-        if not parts:
-            continue
         rel = parts[0].replace("\\", "/")
         folder = rel.split("/")[0]
         if "/" not in rel or folder not in classes:
@@ -128,27 +93,32 @@ def collect(args: argparse.Namespace) -> Collected:
     clips = [RawClip(id=cid, label=label, video=root / rel, source={"video": rel},
                      meta={"group": GROUP.search(cid).group(1)})
              for cid, (rel, label) in sorted(entries.items()) if cid not in missing]
-    group = {c.id: c.meta["group"] for c in clips}
+    group = {cid: GROUP.search(cid).group(1) for cid in entries}
+    present = {c.id for c in clips}
     splits, notes = {}, {}
     for f in folds:
-        train_all = sorted(c for c in per_fold[f]["train"] if c in group)
-        test = sorted(c for c in per_fold[f]["test"] if c in group)
+        # Groups drawn from the whole training list, missing videos included: a missing file moves no clip.
         try:
-            val, _, train = partition_by_key(train_all, group, args.val_groups, 0, (args.seed, int(f)))
+            val, _, train = partition_by_key(sorted(set(per_fold[f]["train"])), group, args.val_groups, 0,
+                                             (args.seed, int(f)))
         except ValueError as err:
             raise UsageError(f"fold {f}: {err}") from None
-        splits[f] = {"train": train, "val": val, "test": test}
+        splits[f] = {"train": [c for c in train if c in present], "val": [c for c in val if c in present],
+                     "test": sorted(c for c in set(per_fold[f]["test"]) if c in present)}
         held = sorted({group[c] for c in val})
         notes[f] = f"official fold {f}; val = the training clips of groups {held} (seed {args.seed})"
     return Collected(classes=classes, clips=clips, splits=splits, split_notes=notes, missing=missing)
 
 
-register_preparer(Preparer(
+register_prepared(PreparedDataset(
     name=NAME,
-    description="UCF-101 from the .avi videos and the official split files (RGB frames + optical flow)",
-    add_args=add_prepare_args,
+    title="UCF-101",
+    description="UCF-101: RGB frames + optical flow, 101 actions",
+    modalities=(("rgb", RGB), ("flow", FLOW)),
+    frames=3,
+    schemes=FOLDS,
+    scheme_help="the official fold",
+    raw="UCF-101 from the .avi videos and the official split files (RGB frames + optical flow)",
+    add_prepare_args=add_prepare_args,
     collect=collect,
-    audio=False,
-    flow=True,
-    short_side=0,
 ))

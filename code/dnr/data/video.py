@@ -7,6 +7,13 @@ when that time is past the end). With `short_side` > 0 a frame whose shorter sid
 scaled down (OpenCV, area interpolation) so that side has that many pixels; frames are never
 scaled up.
 
+Durations, for the preparation's checks (prepare.py): the decoded video's duration as above; the
+duration the file declares (the container's, e.g. FLV's metadata, Matroska's segment info, MP4's
+movie header; or the video stream's frame count in its header (AVI, MP4) over its frame rate: the
+longer); and where the file's data ends (the end of its last packet, of any stream). A file whose
+data ends well before its declared duration was cut short (a truncated download): decoders read
+what is there without complaint.
+
 Optical flow (UCF-101): for each sampled frame, the dense flow (u = horizontal, v = vertical
 displacement in pixels) from that picture to the next decoded one (from the previous to it for
 the clip's last picture), at the video's own frame rate and on grayscale, by OpenCV's Farneback or
@@ -58,8 +65,10 @@ def flow_params(method: str, bound: float) -> dict:
 class SampledVideo:
     frames: List[np.ndarray]              # each (H, W, 3) uint8 RGB
     flows: Optional[List[np.ndarray]]     # each (H, W, 2) float32 (u, v) in pixels, or None
-    duration: float                       # seconds
+    duration: float                       # decoded video, seconds
     decoded: int                          # pictures decoded
+    declared: Optional[float] = None      # seconds the file declares; None: it declares none
+    data_end: float = 0.0                 # seconds: where the last packet of any stream ends
 
 
 def _resize_shape(h: int, w: int, short_side: int) -> Tuple[int, int]:
@@ -105,26 +114,37 @@ def sample_video(path: Path, fps: float, short_side: int = 0, flow: Optional[str
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         period = float(1 / rate) if rate else 0.0
+        declared = _declared_duration(container, stream, rate)
+        first_packet, data_end = None, 0.0  # seconds, over the packets of every stream
         start = None
         last = None        # (time, frame) of the last decoded picture
         before_last = None
         decoded = 0
-        for frame in container.decode(stream):
-            t = frame.time if frame.time is not None else decoded * period
-            if start is None:
-                start = t
-            t -= start
-            # Every sampling time passed by this picture belongs to the previous one.
-            while last is not None and t > (len(picks) + 0.5) / fps + 1e-9:
-                nxt = frame.to_ndarray(format="rgb24") if flow else None
-                picks.append((last[1].to_ndarray(format="rgb24"), nxt))
-            before_last, last = last, (t, frame)
-            decoded += 1
+        # Every stream is demuxed (only the video decoded) to see where the file's data ends.
+        for packet in container.demux():
+            if packet.pts is not None and packet.time_base is not None:
+                t0 = float(packet.pts * packet.time_base)
+                first_packet = t0 if first_packet is None else min(first_packet, t0)
+                data_end = max(data_end, t0 + float((packet.duration or 0) * packet.time_base))
+            if packet.stream.index != stream.index:
+                continue
+            for frame in packet.decode():
+                t = frame.time if frame.time is not None else decoded * period
+                if start is None:
+                    start = t
+                t -= start
+                # Every sampling time passed by this picture belongs to the previous one.
+                while last is not None and t > (len(picks) + 0.5) / fps + 1e-9:
+                    nxt = frame.to_ndarray(format="rgb24") if flow else None
+                    picks.append((last[1].to_ndarray(format="rgb24"), nxt))
+                before_last, last = last, (t, frame)
+                decoded += 1
         if last is None:
             raise ValueError("no video picture could be decoded")
         if period == 0.0 and before_last is not None:
             period = last[0] - before_last[0]
         duration = last[0] + period
+        data_end = max(data_end - (first_packet or 0.0), duration)
         count = max(1, int(duration * fps + 0.5))
         picks = picks[:count]
         if len(picks) < count:
@@ -148,7 +168,18 @@ def sample_video(path: Path, fps: float, short_side: int = 0, flow: Optional[str
         if (nh, nw) != (h, w):
             picture = cv2.resize(picture, (nw, nh), interpolation=cv2.INTER_AREA)
         frames.append(np.ascontiguousarray(picture))
-    return SampledVideo(frames=frames, flows=flows, duration=float(duration), decoded=decoded)
+    return SampledVideo(frames=frames, flows=flows, duration=float(duration), decoded=decoded,
+                        declared=declared, data_end=float(data_end))
+
+
+def _declared_duration(container, stream, rate) -> Optional[float]:
+    """Seconds the file says it lasts (module docstring), None when it says nothing."""
+    values = []
+    if container.duration is not None and container.duration > 0:
+        values.append(container.duration / 1_000_000)  # AV_TIME_BASE units
+    if stream.frames and rate:
+        values.append(stream.frames / float(rate))  # the header's frame count (AVI, MP4)
+    return max(values) if values else None
 
 
 def versions() -> dict:
