@@ -13,6 +13,7 @@ from conftest import CODE
 from dnr.data import ModalitySpec, DatasetInfo
 from dnr.data.mosi import detect_format, load_mosi, map_labels, resolve_file
 from dnr.data.safe_pickle import UnsafePickleError, safe_load
+from dnr.diagnose import relearn_strength
 from dnr.metrics import classification_metrics
 from dnr.models import ENCODERS, create_encoder, create_model, default_encoder
 from dnr.models.sequence import masked_mean, padding_mask, pool_time
@@ -369,7 +370,7 @@ def test_one_training_run_diagnoses_all_three_modalities(kind, tmp_path, capsys)
         p = d["purity"][m]
         # k-means with k = number of classes: purity is at least the majority class share
         assert 0.0 < p["val"] <= 1.0 and 0.0 < p["train"] <= 1.0
-        assert d["alpha"][m] == pytest.approx(float(np.tanh(3.0 * abs(p["train"] - p["val"]))), abs=1e-6)
+        assert d["alpha"][m] == pytest.approx(relearn_strength(p["train"], p["val"], 3.0))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert 0.0 <= log[0]["val"]["f1_weighted"] <= 1.0 and "diagnosis" in log[1]
     args = json.loads((out / "args.json").read_text())
