@@ -2,6 +2,7 @@
 SIGKILL, evaluation of a checkpoint, and clear errors for bad flags and paths."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -29,6 +30,8 @@ def read_log(out):
 
 # Flags some methods need on a 3-epoch run: a modality to keep, modulation from the first epoch.
 EXTRA = {"unimodal": ["--unimodal_modality", "visual"], "opm": ["--opm_starts", "0"]}
+# D&R needs a diagnosis followed by a training epoch: three epochs, a diagnosis after the second.
+D_AND_R = ["--epochs", "3", "--reinit_epoch", "1", "--reinit_num", "1"]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -111,7 +114,8 @@ def test_diagnosis_takes_val_features_from_the_evaluation(tmp_path, monkeypatch)
 @pytest.mark.parametrize("method", sorted(set(METHODS) - {"unimodal"}))
 def test_every_method_runs_with_three_modalities(method, tmp_path):
     rc, out = run(["--method", method, "--builtin_modalities", "audio,visual,sensor", "--epochs", "1",
-                   "--reinit_epoch", "0", "--no-probe", "--builtin_image_size", "16"] + EXTRA.get(method, []),
+                   "--reinit_epoch", "0", "--no-probe", "--builtin_image_size", "16"] + EXTRA.get(method, [])
+                  + (D_AND_R if method == "relearn" else []),
                   tmp_path)
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
@@ -137,7 +141,7 @@ def test_three_modalities_and_lr_decay(tmp_path):
 
 @pytest.mark.parametrize("fusion", ["film", "gated"])
 def test_mixing_fusions_report_probe_accuracy(fusion, tmp_path):
-    rc, out = run(["--fusion", fusion, "--epochs", "1", "--reinit_epoch", "0"], tmp_path)
+    rc, out = run(["--method", "baseline", "--fusion", fusion, "--epochs", "1"], tmp_path)
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["unimodal_source"] == "probe"
@@ -145,7 +149,7 @@ def test_mixing_fusions_report_probe_accuracy(fusion, tmp_path):
 
 
 def test_eval_only_reproduces_the_selected_epoch(tmp_path):
-    rc, out = run(["--epochs", "2", "--reinit_epoch", "1", "--no-probe"], tmp_path)
+    rc, out = run(["--method", "baseline", "--epochs", "2", "--no-probe"], tmp_path)
     assert rc == 0
     assert trainer.cli(TINY + ["--ckpt_path", str(out), "--eval_only"]) == 0
     res = json.loads((out / "results.json").read_text())
@@ -156,7 +160,7 @@ def test_eval_only_reproduces_the_selected_epoch(tmp_path):
 
 
 def test_select_on_test_and_no_augmentation_switches(tmp_path):
-    rc, out = run(["--epochs", "2", "--reinit_epoch", "0", "--select_on", "test", "--no-train_augment",
+    rc, out = run(["--method", "baseline", "--epochs", "2", "--select_on", "test", "--no-train_augment",
                    "--no-probe"], tmp_path)
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
@@ -173,7 +177,9 @@ def _results_without_timing(path):
     return res
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+def test_resume_after_sigkill_or_sigterm_matches_uninterrupted_run(tmp_path):
+    """A run killed (SIGKILL) or stopped (SIGTERM, what schedulers send) during its third epoch
+    resumes to the same results as an uninterrupted run; SIGTERM prints the command that does it."""
     common = [sys.executable, str(CODE / "main.py")] + TINY + [
         "--builtin_train_size", "96", "--epochs", "5", "--reinit_epoch", "2", "--reinit_num", "2",
         "--deterministic", "--device", "cpu"]
@@ -181,27 +187,36 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     full = tmp_path / "full"
     subprocess.run(common + ["--ckpt_path", str(full)], check=True, env=env, capture_output=True, cwd=tmp_path)
 
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen(common + ["--ckpt_path", str(cut)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
-    killed_in = None
-    for line in proc.stdout:
-        # The "epoch 1" line is printed right after epoch 1's checkpoint: kill during epoch 2,
-        # the third epoch.
-        if line.startswith("epoch   1/"):
-            proc.send_signal(signal.SIGKILL)
-            killed_in = 2
-            break
-    proc.wait()
-    assert killed_in == 2 and proc.returncode == -signal.SIGKILL
-    assert not (cut / "results.json").exists()
-    assert torch.load(cut / "last.pth", weights_only=True)["epoch"] == 1
-
-    subprocess.run(common + ["--ckpt_path", str(cut), "--resume"], check=True, env=env,
-                   capture_output=True, cwd=tmp_path)
-    assert _results_without_timing(cut / "results.json") == _results_without_timing(full / "results.json")
-    assert [r["epoch"] for r in read_log(cut)] == [0, 1, 2, 3, 4]
-    assert [r["val"] for r in read_log(cut)] == [r["val"] for r in read_log(full)]
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        cut = tmp_path / f"cut_{sig.name}"
+        proc = subprocess.Popen(common + ["--ckpt_path", str(cut)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+        stopped_in = None
+        for line in proc.stdout:
+            # The "epoch 1" line is printed right after epoch 1's checkpoint: stop during epoch 2,
+            # the third epoch.
+            if line.startswith("epoch   1/"):
+                proc.send_signal(sig)
+                stopped_in = 2
+                break
+        _, err = proc.communicate()
+        assert stopped_in == 2
+        assert not (cut / "results.json").exists()
+        assert torch.load(cut / "last.pth", weights_only=True)["epoch"] == 1
+        resume = common + ["--ckpt_path", str(cut), "--resume"]
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL
+        else:  # a clean stop: no traceback, the state and the exact command to continue
+            assert proc.returncode == 128 + signal.SIGTERM, err
+            assert "Traceback" not in err
+            assert f"stopped by SIGTERM after epoch 1 (0-based) had finished; {cut / 'last.pth'} holds that" in err
+            printed = shlex.split(err.split("continue with:\n", 1)[1].splitlines()[0])
+            assert printed[0] == "python" and printed[-1] == "--resume"
+            resume = [sys.executable] + printed[1:]
+        subprocess.run(resume, check=True, env=env, capture_output=True, cwd=tmp_path)
+        assert _results_without_timing(cut / "results.json") == _results_without_timing(full / "results.json")
+        assert [r["epoch"] for r in read_log(cut)] == [0, 1, 2, 3, 4]
+        assert [r["val"] for r in read_log(cut)] == [r["val"] for r in read_log(full)]
 
 
 # ---------------------------------------------------------------- errors
@@ -226,21 +241,22 @@ def test_bad_flags_exit_with_a_message_naming_the_flag(argv, message, capsys):
     (["--builtin_modalities", "audio,taste"], "--builtin_modalities"),
 ])
 def test_bad_values_and_paths_give_clear_errors(argv, message, tmp_path, capsys):
-    rc, _ = run(argv + ["--epochs", "1"], tmp_path)
+    rc, _ = run(argv + ["--method", "baseline", "--epochs", "1"], tmp_path)
     assert rc == 1
     assert message in capsys.readouterr().err
 
 
 def test_existing_run_is_not_overwritten_and_corrupt_checkpoint_is_named(tmp_path, capsys):
-    rc, out = run(["--epochs", "1", "--reinit_epoch", "0", "--no-probe"], tmp_path)
+    rc, out = run(["--method", "baseline", "--epochs", "1", "--no-probe"], tmp_path)
     assert rc == 0
     before = (out / "results.json").read_text()
-    rc, _ = run(["--epochs", "1"], tmp_path)
-    assert rc == 1 and "already holds a run" in capsys.readouterr().err
+    rc, _ = run(["--method", "baseline", "--epochs", "1"], tmp_path)
+    err = capsys.readouterr().err
+    assert rc == 1 and "already holds a run" in err and "OUT=" in err and "--ckpt_path" in err
     assert (out / "results.json").read_text() == before
     (out / "last.pth").write_bytes(b"not a checkpoint")
-    rc, _ = run(["--epochs", "2", "--resume"], tmp_path)
-    assert rc == 1 and f"cannot read checkpoint {out / 'last.pth'}" in capsys.readouterr().err
+    rc, _ = run(["--method", "baseline", "--epochs", "2", "--resume"], tmp_path)
+    assert rc == 1 and f"{out / 'last.pth'} is not a checkpoint written by this trainer" in capsys.readouterr().err
 
 
 def test_non_finite_loss_names_epoch_and_step():

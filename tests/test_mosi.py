@@ -236,7 +236,7 @@ def test_pickle_carrying_a_callable_is_refused_and_never_runs(tmp_path, capsys):
         safe_load(path)
     assert not marker.exists()
     rc = trainer.cli(["--dataset", "mosi", "--data_path", str(folder), "--ckpt_path", str(tmp_path / "run"),
-                      "--epochs", "1", "--progress", "off"])
+                      "--method", "baseline", "--epochs", "1", "--progress", "off"])
     assert rc == 1 and "refused to load" in capsys.readouterr().err
     assert not marker.exists()
     # Control: plain pickle does run it, so the refusal above is what protected us.
@@ -340,7 +340,7 @@ def test_weighted_f1_is_reported_next_to_macro_f1():
 # ---------------------------------------------------------------------------------------------
 # the trainer end to end
 
-SMALL = ["--epochs", "2", "--reinit_epoch", "1", "--reinit_num", "1", "--progress", "off", "--batch_size", "8",
+SMALL = ["--epochs", "3", "--reinit_epoch", "1", "--reinit_num", "1", "--progress", "off", "--batch_size", "8",
          "--transformer_dim", "16", "--transformer_heads", "2", "--transformer_layers", "1"]
 
 

@@ -111,14 +111,66 @@ def find_checkpoint(arg: Optional[str], out: Path, name: str) -> Optional[Path]:
     return path / name if path.is_dir() else path
 
 
-def check_resumable(saved: Dict[str, Any], args, info) -> None:
-    """A checkpoint resumes only the run it came from: same dataset, method, fusion, and the same
-    data description (modalities, shapes, classes)."""
+TRAINING_KEYS = ("epoch", "model", "optimizer", "scheduler", "method", "selection", "rng", "args", "info",
+                 "model_args")
+
+
+def load_training(path, map_location="cpu") -> Dict[str, Any]:
+    """A training checkpoint (last.pth) for --resume, checked before anything is built: a file that
+    is not one written by this trainer is named as such, with what it lacks."""
+    path = Path(path)
+    try:
+        saved = load(path, map_location=map_location)
+    except ValueError as err:
+        cause = err.__cause__ or err
+        first_line = (str(cause).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} is not a checkpoint written by this trainer "
+                         f"({type(cause).__name__}: {first_line})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a checkpoint written by this trainer (it holds a {type(saved).__name__})")
+    missing = [k for k in TRAINING_KEYS if k not in saved]
+    if missing and "model" in saved and "val" in saved:
+        raise ValueError(f"{path} holds the selected model only (best.pth); resume from the run's last.pth")
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint written by this trainer (it lacks {missing})")
+    return saved
+
+
+def first_difference(old: Any, new: Any, where: str = "") -> Optional[str]:
+    """The first place where two JSON-like values differ, as 'path: old vs new', or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            if key not in old or key not in new:
+                return f"{where}{key}: {'absent' if key not in old else old[key]!r} in the checkpoint, " \
+                       f"{'absent' if key not in new else new[key]!r} now"
+            found = first_difference(old[key], new[key], f"{where}{key}.")
+            if found:
+                return found
+        return None
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            found = first_difference(a, b, f"{where.rstrip('.')}[{i}].")
+            if found:
+                return found
+        return None
+    if old != new:
+        return f"{where.rstrip('.')}: {old!r} in the checkpoint, {new!r} now"
+    return None
+
+
+def check_resumable(saved: Dict[str, Any], args, info, model_args: Optional[dict] = None) -> None:
+    """A checkpoint resumes only the run it came from: same dataset, method, fusion, the same data
+    description (modalities, shapes, classes) and the same model. The message names what differs."""
     old = saved["args"]
     for key in ("dataset", "method", "fusion"):
         if old.get(key) != getattr(args, key):
             raise ValueError(f"checkpoint was made with --{key} {old.get(key)!r}, this run has "
                              f"{getattr(args, key)!r}; resume with the same setting")
-    if saved["info"] != info.to_dict():
-        raise ValueError(f"checkpoint's dataset description {saved['info']} differs from the current "
-                         f"data {info.to_dict()}")
+    diff = first_difference(saved["info"], info.to_dict())
+    if diff:
+        raise ValueError(f"the checkpoint's data differ from the current data: {diff}; resume with the same "
+                         f"dataset flags")
+    diff = model_args is not None and first_difference(saved["model_args"], model_args)
+    if diff:
+        raise ValueError(f"the checkpoint's model differs from the one these flags build: {diff}; resume with "
+                         f"the same model flags (--encoders and the encoder options)")

@@ -37,6 +37,25 @@ def run_name(flags: Sequence[str], seed: int) -> str:
     return f"{method}_seed{seed}"
 
 
+def last_wins(argv: Sequence[str]) -> List[str]:
+    """The flags as main.py will read them: when a flag is given twice (a script's default, then the
+    user's value), only the last one is kept, so the printed command shows the value used.
+    `--no-X` and `--X` count as the same flag."""
+    groups: List[List[str]] = []
+    for token in argv:
+        if token.startswith("--") or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+
+    def key(group):
+        name = group[0].split("=", 1)[0]
+        return "--" + name[5:] if name.startswith("--no-") else name
+
+    last = {key(g): i for i, g in enumerate(groups)}
+    return [t for i, g in enumerate(groups) if last[key(g)] == i for t in g]
+
+
 def run_all(out: Path, methods: Sequence[str], seeds: Sequence[int], modalities: Sequence[str],
             extra: Sequence[str], python: str = sys.executable) -> List[Path]:
     done = []
@@ -49,7 +68,8 @@ def run_all(out: Path, methods: Sequence[str], seeds: Sequence[int], modalities:
                 print(f"[compare] {folder}: finished earlier, re-read", flush=True)
                 done.append(folder)
                 continue
-            cmd = [python, str(MAIN), *extra, *flags, "--random_seed", str(seed), "--ckpt_path", str(folder)]
+            cmd = [python, str(MAIN), *last_wins([*extra, *flags, "--random_seed", str(seed),
+                                                  "--ckpt_path", str(folder)])]
             if (folder / "last.pth").exists():
                 cmd.append("--resume")
             print("[compare] " + " ".join(cmd), flush=True)

@@ -42,6 +42,7 @@ __all__ = [
     "gap_strengths",
     "TanhGap",
     "check_lam",
+    "diagnosis_epochs",
     "soft_reinit_",
     "snapshot",
     "Diagnosis",
@@ -355,6 +356,14 @@ class Diagnosis:
             rows.append(f"    {m:>10}: purity train {p['train']:.3f} val {p['val']:.3f}  "
                         f"gap {self.gap[m]:.3f}  strength {self.alpha[m]:.3f}")
         return "\n".join(rows)
+
+
+def diagnosis_epochs(epochs: int, reinit_epoch: int, reinit_num: int) -> list:
+    """The 0-based epochs after which a run of `epochs` epochs diagnoses (`Relearner.due`): every
+    e > 0 with e % reinit_epoch == 0, at most reinit_num of them; none when either is 0."""
+    if reinit_epoch <= 0 or reinit_num <= 0:
+        return []
+    return list(range(reinit_epoch, epochs, reinit_epoch))[:reinit_num]
 
 
 StrengthRule = Callable[[Purities], Dict[str, float]]

@@ -37,10 +37,12 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
 
 
 def pm(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+    """'mean ± std' over the seeds; one seed has no spread to show: 'mean ± –'."""
     m, s = mean_std(values)
     if math.isnan(m):
         return "-"
-    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+    spread = f"{s * scale:.{digits}f}" if sum(v is not None for v in values) > 1 else "–"
+    return f"{m * scale:.{digits}f} ± {spread}"
 
 
 def group(runs: List[dict]) -> Dict[Tuple[str, str, str], List[dict]]:

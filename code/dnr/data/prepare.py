@@ -60,11 +60,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-try:
-    import fcntl  # POSIX: keeps two runs from writing into one folder
-except ImportError:  # pragma: no cover  (Windows: no lock)
-    fcntl = None
-
+from ..rundir import folder_lock
 from . import audio as audio_lib
 from . import video as video_lib
 from . import cache as cache_lib
@@ -446,16 +442,10 @@ def run(prep: Preparer, args: argparse.Namespace) -> int:
         return _run_locked(prep, args, root, out, params, collected)
 
 
-@contextlib.contextmanager
 def _exclusive(folder: Path):
     """Hold the folder's preparation lock (one writer at a time); refuse when another run holds it."""
-    with open(folder / LOCK, "a") as lock:
-        if fcntl is not None:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise UsageError(f"another preparation is writing into {folder}; wait for it to finish") from None
-        yield
+    return folder_lock(folder, LOCK, "another preparation (process {pid}) is writing into {folder}; wait for it "
+                                     "to finish", error=UsageError)
 
 
 def _run_locked(prep, args, root: Path, out: Path, params: dict, collected: Collected) -> int:
