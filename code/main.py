@@ -53,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="training-time sampling and augmentation; --no-train_augment trains on the "
                         "evaluation transform, as the authors' D&R runs did (reproduction switch)")
     g.add_argument("--frame_cache", choices=("off", "cpu", "gpu"), default="off",
-                   help="prepared video datasets: read frames from the packed cache built by "
+                   help="prepared datasets (video frames, still images): read frames from the packed cache built by "
                         "'script/prepare.py pack' instead of decoding JPEGs; cpu: augment in the loader, "
                         "gpu: the loader returns uint8 frames and crop/flip/resize run batched on the "
                         "training device (values differ slightly from the JPEG path)")

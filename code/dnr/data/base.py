@@ -215,7 +215,7 @@ def build_datasets(name: str, args: argparse.Namespace) -> DataSplits:
         from .clips import PREPARED  # the datasets read from prepare.py's folders, which `pack` caches
 
         raise ValueError(f"--frame_cache {cache}: dataset {name!r} does not read packed frames; the option "
-                         f"applies to the prepared video datasets ({', '.join(sorted(PREPARED))})")
+                         f"applies to the datasets prepared by script/prepare.py ({', '.join(sorted(PREPARED))})")
     for split, ds in splits.items():
         if len(ds) == 0:
             raise ValueError(f"dataset {name!r}: split {split!r} is empty")
