@@ -148,3 +148,20 @@ def test_mosei_two_epochs_end_to_end(tmp_path, capsys):
     args = json.loads((out / "args.json").read_text())
     assert args["mosei_task"] == "7class" and [m["shape"] for m in args["data"]["modalities"]] == [
         [6, 12], [6, 74], [6, 35]]
+
+
+def test_missing_and_broken_mosei_files_are_named(tmp_path, capsys):
+    from dnr.data.mosi import resolve_file
+
+    folder = tmp_path / "mosei"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds no \.pkl file; name the feature file with --mosei_file "
+                                                r"\(e.g. aligned_50.pkl or .*mosei_senti_data.pkl"):
+        resolve_file(str(folder), None, MOSEI)
+    with pytest.raises(FileNotFoundError, match="--mosei_file: no file"):
+        resolve_file(str(folder), "mosei_raw.pkl", MOSEI)
+    data = pickle.dumps(cmu_dict(), protocol=4)
+    (folder / "mosei_senti_data.pkl").write_bytes(data[: len(data) // 2])  # an interrupted download
+    rc = trainer.cli(["--dataset", "mosei", "--data_path", str(folder), "--ckpt_path", str(tmp_path / "run"),
+                      "--epochs", "1", "--method", "baseline", "--progress", "off"])
+    assert rc == 1 and "mosei_senti_data.pkl: not a readable pickle" in capsys.readouterr().err

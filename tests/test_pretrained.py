@@ -77,7 +77,8 @@ def test_a_checkpoint_of_this_trainer_and_bad_files(tmp_path):
 def test_the_trainer_loads_records_and_resumes_without_the_file(torchvision_weights, tmp_path, capsys):
     path, state = torchvision_weights
     out = tmp_path / "run"
-    argv = TINY + ["--method", "baseline", "--epochs", "1", "--no-probe", "--ckpt_path", str(out),
+    argv = TINY + ["--builtin_train_size", "20", "--builtin_val_size", "10", "--builtin_test_size", "10",
+                   "--batch_size", "10", "--method", "baseline", "--epochs", "1", "--no-probe", "--ckpt_path", str(out),
                    "--encoder_weights", f"visual={path}"]
     assert trainer.cli(argv) == 0
     printed = capsys.readouterr().out
