@@ -41,6 +41,7 @@ from dnr.logger import RunLogger, write_json
 from dnr.methods import METHODS, TrainContext, add_diagnosis_args, create_method
 from dnr.metrics import linear_probe_accuracy
 from dnr.models import ENCODERS, FUSIONS, encoder_options
+from dnr.models.pretrained import describe_weights, load_encoder_weights, parse_weights
 from dnr.rundir import run_folder
 from dnr.runtime import epoch_seed, pick_device, seed_everything, set_deterministic, worker_init
 from dnr.selection import Selection
@@ -80,7 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="training-time sampling and augmentation; --no-train_augment trains on the "
                         "evaluation transform, as the authors' D&R runs did (reproduction switch)")
     g.add_argument("--frame_cache", choices=("off", "cpu", "gpu"), default="off",
-                   help="prepared video datasets: read frames from the packed cache built by "
+                   help="prepared datasets (video frames, still images): read frames from the packed cache built by "
                         "'script/prepare.py pack' instead of decoding JPEGs; cpu: augment in the loader, "
                         "gpu: the loader returns uint8 frames and crop/flip/resize run batched on the "
                         "training device (values differ slightly from the JPEG path)")
@@ -94,6 +95,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoders", default="",
                    help="override the encoder per modality as NAME=ENCODER pairs, e.g. "
                         "'audio=resnet18'; by default each modality's kind picks one")
+    g.add_argument("--encoder_weights", default="",
+                   help="start encoders from your own pretrained weights, MODALITY=PATH pairs, e.g. "
+                        "'image=/path/resnet18.pth': a state dict of the encoder or of its part (a "
+                        "torchvision ResNet-18's for our ResNet-18), read with torch.load(weights_only=True); "
+                        "D&R re-initialises towards them (default: none, random initialisation)")
     for name, entry in sorted(ENCODERS.items()):
         if entry.add_args is not None:
             entry.add_args(p.add_argument_group(f"encoder '{name}'"))
@@ -192,6 +198,12 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         METHODS[args.method].check_args(args)
     except ValueError as err:
         p.error(str(err))
+    try:
+        missing = [f"{m}={path}" for m, path in parse_weights(args.encoder_weights).items() if not path.is_file()]
+    except ValueError as err:
+        p.error(str(err))
+    if missing:
+        p.error(f"--encoder_weights: no such file: {', '.join(missing)}")
     if args.data_path is not None and not Path(args.data_path).is_dir():
         p.error(f"--data_path {args.data_path!r} is not a folder")
     if args.ckpt_path is not None and Path(args.ckpt_path).exists() and not Path(args.ckpt_path).is_dir():
@@ -350,22 +362,31 @@ def train(args: argparse.Namespace, out: Path, d, device, saved) -> dict:
     splits = load_data(args, args.method)
     info = splits.info
     model_args = model_args_of(args)
-    net, model = place_model(args, METHODS[args.method].build_model(info, **model_args), device, d)
-    method = create_method(args.method, args, net, info)  # D&R snapshots theta_init here
+    net = METHODS[args.method].build_model(info, **model_args)
+    # Carried over by a resume: training time over every process, and what --encoder_weights loaded.
+    run_vars = {"seconds": 0.0, "encoder_weights_loaded": {}}
+    if saved is None:  # a resumed run's weights come from its checkpoint
+        # splits.train.info: the dataset's modalities, also when the method trains on fewer
+        run_vars["encoder_weights_loaded"] = load_encoder_weights(net, parse_weights(args.encoder_weights),
+                                                                  splits.train.info.modality_names)
+    net, model = place_model(args, net, device, d)
+    method = create_method(args.method, args, net, info)  # D&R snapshots theta_init here (after the weights)
     optimizer, scheduler = build_optimizer(args, net)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     selection = Selection(args.select_on)
-    clock = {"seconds": 0.0}  # training time over every process of this run, resumes included
     start_epoch = 0
     if saved is not None:
         ckpt_io.check_resumable(saved, args, info, model_args)
-        start_epoch = ckpt_io.restore(saved, clock, model=net, optimizer=optimizer, scheduler=scheduler,
+        start_epoch = ckpt_io.restore(saved, run_vars, model=net, optimizer=optimizer, scheduler=scheduler,
                                       scaler=scaler, method=method, selection=selection)
         if main_proc:
             say(f"resumed {args.resume if args.resume != 'auto' else out / 'last.pth'} after epoch {saved['epoch']}")
 
     if main_proc:
+        for line in describe_weights(run_vars["encoder_weights_loaded"]):
+            say(line)
         write_json(out / "args.json", {**vars(args), "ckpt_path": str(out), "data": info.to_dict(),
+                                        "encoder_weights_loaded": run_vars["encoder_weights_loaded"],
                                         "world_size": d.world_size, "versions": versions(),
                                         "command": sys.argv})
     logger = RunLogger(out, args.tensorboard_path or str(out / "tensorboard"), resume_epoch=start_epoch,
@@ -404,7 +425,8 @@ def train(args: argparse.Namespace, out: Path, d, device, saved) -> dict:
         is_best = selection.update(epoch, val, test)
         if is_best and main_proc:
             ckpt_io.save_atomic(dict(model=net.state_dict(), epoch=epoch, model_args=model_args, info=info.to_dict(),
-                                     args=vars(args), val=val, test=test), out / "best.pth")
+                                     args=vars(args), val=val, test=test,
+                                     encoder_weights_loaded=run_vars["encoder_weights_loaded"]), out / "best.pth")
         extra = method.on_epoch_end(epoch, ctx)
         features.clear()  # the weights may change from here on
         diagnosis = extra.pop("diagnosis", None)
@@ -412,13 +434,13 @@ def train(args: argparse.Namespace, out: Path, d, device, saved) -> dict:
         if diagnosis is not None:
             record["diagnosis"] = diagnosis.to_dict()
         record["seconds"] = time.perf_counter() - t0
-        clock["seconds"] += record["seconds"]
+        run_vars["seconds"] += record["seconds"]
         logger.log_epoch(record)
         if main_proc and (args.save_last == "every_epoch" or (args.save_last == "end" and epoch == args.epochs - 1)):
             ckpt_io.save_atomic(ckpt_io.training_state(
                 epoch, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler, method=method,
-                selection=selection, seconds=clock["seconds"], args=vars(args), model_args=model_args,
-                info=info.to_dict()), out / "last.pth")
+                selection=selection, seconds=run_vars["seconds"], args=vars(args), model_args=model_args,
+                encoder_weights_loaded=run_vars["encoder_weights_loaded"], info=info.to_dict()), out / "last.pth")
         if main_proc:
             say(epoch_line(record, args.epochs, info.modality_names, is_best))
             if diagnosis is not None:
@@ -428,7 +450,8 @@ def train(args: argparse.Namespace, out: Path, d, device, saved) -> dict:
 
     finish_start = time.perf_counter()
     results = finalize(args, out, model, net, splits, evals, device, selection, method, model_args, amp)
-    results["seconds"] = clock["seconds"] + (time.perf_counter() - finish_start)
+    results["seconds"] = run_vars["seconds"] + (time.perf_counter() - finish_start)
+    results["encoder_weights_loaded"] = run_vars["encoder_weights_loaded"]
     if main_proc:
         write_json(out / "results.json", results)
         say(results_line(results, out))

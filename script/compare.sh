@@ -2,7 +2,8 @@
 # Every method, several seeds, one dataset; then OUT/results.md and OUT/results.png.
 #   sh script/compare.sh                                     built-in dataset, demo settings, seeds 0 1 2
 #   METHODS="baseline relearn ogm_ge" SEEDS="0 1" sh script/compare.sh   (default: every registered method)
-#   DATA=data/cremad sh script/compare.sh                    CREMA-D, the paper's settings
+#   DATA=data/cremad sh script/compare.sh                    any prepared dataset, its settings (settings.sh)
+#   DATASET=mosi DATA=data/mosi sh script/compare.sh         a folder holding a MOSI/MOSEI feature file
 # Extra arguments go to code/main.py for every run. Finished runs are re-read, not recomputed.
 set -eu
 . "$(dirname "$0")/settings.sh"

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Diagnosing & Re-learning.
 #   sh script/ours.sh                          built-in dataset, demo settings
-#   DATA=data/cremad sh script/ours.sh         CREMA-D prepared under data/cremad, the authors' settings
+#   DATA=data/cremad sh script/ours.sh         a prepared dataset (here CREMA-D), its settings (settings.sh)
 #   SEED=1 OUT=runs/x sh script/ours.sh --device cpu    extra flags go to code/main.py
 set -eu
 . "$(dirname "$0")/settings.sh"

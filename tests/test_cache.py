@@ -148,8 +148,8 @@ def test_missing_or_stale_cache_is_refused_naming_the_file_and_the_command(prepa
     # The JPEG path does not need the cache; the built-in dataset has no cache to read.
     assert len(build_datasets("cremad", cremad_args(out)).train) == 6
     with pytest.raises(ValueError, match=r"--frame_cache cpu: dataset 'builtin' does not read packed frames; the "
-                                         r"option applies to the prepared video datasets "
-                                         r"\(cremad, kinetics_sounds, ucf101\)"):
+                                         r"option applies to the datasets prepared by script/prepare.py "
+                                         r"\(cremad, food101, kinetics_sounds, ucf101, vggsound\)"):
         build_datasets("builtin", trainer.get_args_parser().parse_args(["--frame_cache", "cpu"]))
 
 

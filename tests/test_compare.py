@@ -46,3 +46,49 @@ def test_compare_takes_its_methods_from_the_registry(root):
 
     assert compare.ALL == list(METHODS)
     assert "METHODS:-" not in (root / "script" / "compare.sh").read_text()
+
+
+def _fake_python(tmp_path):
+    """A PYTHON for the scripts that prints the trainer's command line instead of training and
+    runs anything else (the manifest reading) with the real interpreter."""
+    fake = tmp_path / "fakepy"
+    fake.write_text(f'#!/bin/sh\ncase "$1" in *main.py) shift; echo "$@"; exit 0;; esac\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    return fake
+
+
+def test_scripts_take_the_dataset_from_the_prepared_folder(root, tmp_path):
+    import json
+    import os
+    import subprocess
+
+    def script(name, **env):
+        run = subprocess.run(["sh", str(root / "script" / name)], cwd=tmp_path, capture_output=True, text=True,
+                             env={**os.environ, "PYTHON": str(_fake_python(tmp_path)), **env})
+        return run.returncode, run.stdout.split(), run.stderr
+
+    def flag(argv, name):
+        return argv[argv.index(name) + 1]
+
+    folder = tmp_path / "data" / "my vgg"  # a path with a space survives
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"dataset": "vggsound", "format": 1}))
+    rc, argv, _ = script("ours.sh", DATA=str(folder))
+    assert rc == 0 and flag(argv, "--dataset") == "vggsound" and flag(argv, "--method") == "relearn"
+    assert flag(argv, "--reinit_epoch") == "20" and flag(argv, "--ckpt_path") == "runs/vggsound_relearn_seed0"
+    assert " ".join(argv).count(str(folder)) == 1
+    (folder / "manifest.json").write_text(json.dumps({"dataset": "cremad"}))
+    rc, argv, _ = script("baseline.sh", DATA=str(folder))
+    assert rc == 0 and flag(argv, "--dataset") == "cremad" and flag(argv, "--learning_rate") == "0.002"
+    assert flag(argv, "--epochs") == "90" and "--track_purity" in argv
+    pickles = tmp_path / "mosei"
+    pickles.mkdir()
+    rc, argv, _ = script("ours.sh", DATA=str(pickles), DATASET="mosei")
+    assert rc == 0 and flag(argv, "--dataset") == "mosei" and flag(argv, "--optimizer") == "adam"
+    rc, _, err = script("ours.sh", DATA=str(pickles))
+    assert rc == 2 and "holds no manifest.json" in err and "DATASET=mosi" in err
+    (folder / "manifest.json").write_text(json.dumps({"dataset": "imagenet"}))
+    rc, _, err = script("compare.sh", DATA=str(folder))
+    assert rc == 2 and "no settings for dataset 'imagenet'" in err
+    rc, argv, _ = script("ours.sh")
+    assert rc == 0 and flag(argv, "--dataset") == "builtin"

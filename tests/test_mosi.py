@@ -11,7 +11,7 @@ import torch
 
 from conftest import CODE
 from dnr.data import ModalitySpec, DatasetInfo
-from dnr.data.mosi import detect_format, load_mosi, map_labels, resolve_file
+from dnr.data.mosi import detect_format, load_features, map_labels, resolve_file
 from dnr.data.safe_pickle import UnsafePickleError, safe_load
 from dnr.diagnose import relearn_strength
 from dnr.metrics import classification_metrics
@@ -111,8 +111,9 @@ def test_label_mapping_binary_zero_rules_and_seven_classes():
 def test_mmsa_aligned_file_shapes_labels_and_padding(tmp_path):
     raw = mmsa_dict(aligned=True)
     path = write(tmp_path / "aligned_50.pkl", raw)
-    splits, fmt, notes = load_mosi(path, normalize=False)
-    assert fmt == "mmsa"
+    loaded = load_features(path, normalize=False)
+    splits, notes = loaded.splits, loaded.notes
+    assert loaded.format == "mmsa"
     info = splits["train"].info
     assert info.modality_names == ["text", "audio", "visual"]
     assert [(s.kind, s.shape) for s in info.modalities] == [("sequence", (8, 12)), ("sequence", (8, 5)),
@@ -141,17 +142,18 @@ def test_mmsa_aligned_file_shapes_labels_and_padding(tmp_path):
 
 
 def test_mmsa_unaligned_and_multibench_formats_are_detected(tmp_path):
-    splits, fmt, _ = load_mosi(write(tmp_path / "unaligned_50.pkl", mmsa_dict(aligned=False)),
-                               task="7class", normalize=False)
-    assert fmt == "mmsa"
+    loaded = load_features(write(tmp_path / "unaligned_50.pkl", mmsa_dict(aligned=False)), task="7class",
+                           normalize=False)
+    splits = loaded.splits
+    assert loaded.format == "mmsa"
     assert [s.shape for s in splits["val"].info.modalities] == [(8, 12), (12, 5), (10, 6)]
     assert splits["val"].info.num_classes == 7
     assert splits["test"].labels.tolist() == [0, 0, 2, 3, 3, 3, 3, 5, 5, 6, 3, 5]
 
     raw = multibench_dict()
-    splits, fmt, _ = load_mosi(write(tmp_path / "mosi_raw.pkl", raw, protocol=2), zero="exclude",
-                               normalize=False)
-    assert fmt == "multibench"
+    loaded = load_features(write(tmp_path / "mosi_raw.pkl", raw, protocol=2), zero="exclude", normalize=False)
+    splits = loaded.splits
+    assert (loaded.format, loaded.format_how) == ("multibench", "its file name")
     assert [s.shape for s in splits["train"].info.modalities] == [(8, 10), (8, 4), (8, 7)]
     # zero-scored samples (one in every 12) are dropped from every split
     assert {s: len(ds) for s, ds in splits.items()} == {"train": 22, "val": 11, "test": 11}
@@ -163,8 +165,8 @@ def test_mmsa_unaligned_and_multibench_formats_are_detected(tmp_path):
 
 def test_normalisation_uses_training_statistics_and_keeps_padding_zero(tmp_path):
     path = write(tmp_path / "aligned_50.pkl", mmsa_dict())
-    plain, _, _ = load_mosi(path, normalize=False)
-    normed, _, _ = load_mosi(path, normalize=True)
+    plain = load_features(path, normalize=False).splits
+    normed = load_features(path, normalize=True).splits
     for m in ("text", "audio", "visual"):
         x, raw_x = normed["train"].data[m], plain["train"].data[m]
         pad = (raw_x == 0).all(-1)
@@ -190,16 +192,16 @@ def test_unknown_files_and_keys_fail_clearly(tmp_path):
     junk = tmp_path / "junk.pkl"
     junk.write_bytes(b"PK\x03\x04 this is a zip, not a pickle")
     with pytest.raises(ValueError, match="junk.pkl: not a readable pickle"):
-        load_mosi(junk)
+        load_features(junk)
     path = write(tmp_path / "aligned_50.pkl", mmsa_dict())
     with pytest.raises(ValueError, match="token ids"):
-        load_mosi(path, text_key="text_bert")
+        load_features(path, text_key="text_bert")
     with pytest.raises(KeyError, match="no key 'glove'"):
-        load_mosi(path, text_key="glove")
+        load_features(path, text_key="glove")
     bad = mmsa_dict()
     bad["valid"]["vision"] = bad["valid"]["vision"][:5]
     with pytest.raises(ValueError, match="'vision' has 5 samples but there are 12 labels"):
-        load_mosi(write(tmp_path / "bad" / "x.pkl", bad))
+        load_features(write(tmp_path / "bad" / "x.pkl", bad))
     # file resolution: a folder with two pickles needs --mosi_file
     two = tmp_path / "two"
     write(two / "aligned_50.pkl", {})

@@ -27,7 +27,8 @@ from torch.utils.data import Dataset
 #   "frames":      (T, C, H, W) a few video frames
 #   "vector":      (D,) a fixed-length feature vector
 #   "sequence":    (T, D) a sequence of feature vectors
-MODALITY_KINDS = ("spectrogram", "frames", "vector", "sequence")
+#   "tokens":      (T,) int64 token ids in [0, vocab_size), 0 = padding (e.g. a tokenised text)
+MODALITY_KINDS = ("spectrogram", "frames", "vector", "sequence", "tokens")
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,25 @@ class ModalitySpec:
     name: str
     kind: str
     shape: Tuple[int, ...]
+    vocab_size: int = 0  # kind "tokens" only: the number of token ids (the embedding's size)
 
     def __post_init__(self):
         if self.kind not in MODALITY_KINDS:
             raise ValueError(
                 f"modality {self.name!r}: unknown kind {self.kind!r}; expected one of {MODALITY_KINDS}"
             )
+        if (self.kind == "tokens") != (self.vocab_size > 0):
+            raise ValueError(f"modality {self.name!r}: a vocab_size (> 0) goes with kind 'tokens' and only with "
+                             f"it; got kind {self.kind!r}, vocab_size {self.vocab_size}")
+        if self.kind == "tokens" and (len(self.shape) != 1 or self.vocab_size < 2):
+            raise ValueError(f"modality {self.name!r}: tokens are (T,) ids with a vocabulary of at least 2 "
+                             f"(padding and one token); got shape {self.shape}, vocab_size {self.vocab_size}")
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "kind": self.kind, "shape": list(self.shape)}
+        if self.kind == "tokens":
+            out["vocab_size"] = self.vocab_size
+        return out
 
 
 @dataclass(frozen=True)
@@ -75,9 +89,7 @@ class DatasetInfo:
         return {
             "name": self.name,
             "classes": list(self.classes),
-            "modalities": [
-                {"name": m.name, "kind": m.kind, "shape": list(m.shape)} for m in self.modalities
-            ],
+            "modalities": [m.to_dict() for m in self.modalities],
         }
 
 
@@ -157,11 +169,15 @@ def check_sample(sample: dict, info: DatasetInfo, where: str) -> None:
     if set(inputs) != expected:
         raise ValueError(f"{where}: sample has modalities {sorted(inputs)}, expected {sorted(expected)}")
     for spec in info.modalities:
-        shape = tuple(inputs[spec.name].shape)
+        x = inputs[spec.name]
+        shape = tuple(x.shape)
         if shape != tuple(spec.shape):
             raise ValueError(
                 f"{where}: modality {spec.name!r} has shape {shape}, expected {tuple(spec.shape)}"
             )
+        if spec.kind == "tokens" and (x.dtype != torch.int64 or int(x.min()) < 0 or int(x.max()) >= spec.vocab_size):
+            raise ValueError(f"{where}: modality {spec.name!r} must hold int64 token ids in [0, {spec.vocab_size}), "
+                             f"got {x.dtype} in [{int(x.min())}, {int(x.max())}]")
     label = sample["label"]
     if not 0 <= int(label) < info.num_classes:
         raise ValueError(
@@ -199,7 +215,7 @@ def build_datasets(name: str, args: argparse.Namespace) -> DataSplits:
         from .clips import PREPARED  # the datasets read from prepare.py's folders, which `pack` caches
 
         raise ValueError(f"--frame_cache {cache}: dataset {name!r} does not read packed frames; the option "
-                         f"applies to the prepared video datasets ({', '.join(sorted(PREPARED))})")
+                         f"applies to the datasets prepared by script/prepare.py ({', '.join(sorted(PREPARED))})")
     for split, ds in splits.items():
         if len(ds) == 0:
             raise ValueError(f"dataset {name!r}: split {split!r} is empty")

@@ -1,8 +1,10 @@
-"""The loader of every prepared dataset (CREMA-D, Kinetics-Sounds, UCF-101): it reads exactly
-what `prepare.py` writes (layout in manifest.py) and checks it all on start-up.
+"""The loader of every prepared dataset (CREMA-D, Kinetics-Sounds, UCF-101, VGGSound, Food-101):
+it reads exactly what `prepare.py` writes (layout in manifest.py) and checks it all on start-up.
 
-A dataset module says which inputs it wants (`AudioInput`, `FramesInput`) and calls
-`build_prepared`; classes, the audio shape and the clip list come from the manifest.
+A dataset module says which inputs it wants (`AudioInput`, `FramesInput`, `TextInput`) and calls
+`build_prepared`; classes, the audio shape, the vocabulary and the clip list come from the manifest.
+A text is the manifest's per-clip 'text', encoded once on start-up with the vocabulary file the
+preparation built (text.py): (length,) token ids.
 Frames are sampled by segment (SPEC section 2): a random frame in each of n equal segments of the
 clip's stored frames in training, the middle one in evaluation.
 
@@ -18,8 +20,8 @@ filter, and a second resize where the cache's size differs from the stored frame
 
 A prepared dataset is one module that declares a `PreparedDataset` (its modalities, split schemes,
 raw input and `collect`) and calls `register_prepared`: that makes both its trainer entry (--dataset
-NAME and the flags --NAME_audio, --NAME_frames, --NAME_image_size, --NAME_split, --NAME_flow_channels
-that apply) and its `script/prepare.py NAME` sub-command.
+NAME and the flags --NAME_audio, --NAME_frames, --NAME_image_size, --NAME_split, --NAME_flow_channels,
+--NAME_text_len that apply) and its `script/prepare.py NAME` sub-command.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from .manifest import (FLOW_DIR, FRAMES_DIR, MANIFEST, SPLITS_DIR, audio_dir, fl
                        read_manifest, split_path)
 from .prepare import Preparer, register_preparer
 from .splits import SPLITS, read_split_csv
+from .text import digest, encode, read_vocabulary
 from .transforms import BatchedFrames, flow_from_uint8, flow_to_tensor, rgb_from_uint8, rgb_transform
 
 FRAME_CACHE_MODES = ("off", "cpu", "gpu")
@@ -60,7 +63,13 @@ class FramesInput:
     channels: int = 3  # rgb: 3; flow: 2 ([u, v]) or 3 ([u, v, u])
 
 
-Input = Union[AudioInput, FramesInput]
+@dataclass(frozen=True)
+class TextInput:
+    name: str    # modality name, e.g. "text"
+    length: int  # tokens per sample (truncated / zero-padded)
+
+
+Input = Union[AudioInput, FramesInput, TextInput]
 
 
 def choose_recipe(manifest: dict, requested: str, flag: str, root: Path) -> str:
@@ -82,18 +91,20 @@ class PreparedClips(MultimodalDataset):
 
     def __init__(self, info: DatasetInfo, split: str, root: Path, clips: List[str], labels: Tensor,
                  stored_frames: List[int], inputs: Dict[str, Input], train: bool,
-                 frame_cache: str = "off", caches: Optional[Dict[str, FrameCache]] = None):
+                 frame_cache: str = "off", caches: Optional[Dict[str, FrameCache]] = None,
+                 tokens: Optional[Dict[str, Tensor]] = None):
         self.info, self.split, self.root = info, split, Path(root)
         self.clips, self.labels, self.stored_frames = clips, labels, stored_frames
         self.inputs, self.train = inputs, train
         self.frame_cache, self.caches = frame_cache, dict(caches or {})  # modality -> FrameCache
+        self.tokens = dict(tokens or {})  # text modality -> (N, length) int64 token ids
         self.shapes = {m.name: tuple(m.shape) for m in info.modalities}
         self._rgb = {n: rgb_transform(i.size, train) for n, i in inputs.items()
                      if isinstance(i, FramesInput) and i.kind == "rgb"}
 
     def view(self, train: bool) -> "PreparedClips":
         other = PreparedClips(self.info, self.split, self.root, self.clips, self.labels, self.stored_frames,
-                              self.inputs, train, self.frame_cache, self.caches)
+                              self.inputs, train, self.frame_cache, self.caches, self.tokens)
         other.active = self.active
         return other
 
@@ -134,12 +145,16 @@ class PreparedClips(MultimodalDataset):
                 continue
             if isinstance(inp, AudioInput):
                 out[name] = self._audio(inp, clip)
+            elif isinstance(inp, TextInput):
+                out[name] = self.tokens[name][index]
             else:
                 out[name] = self._frames(inp, clip, self.stored_frames[index])
         return out
 
 
-def _spec(inp: Input, manifest: dict, root: Path) -> ModalitySpec:
+def _spec(inp: Input, manifest: dict, root: Path, vocabulary: Optional[List[str]] = None) -> ModalitySpec:
+    if isinstance(inp, TextInput):
+        return ModalitySpec(inp.name, "tokens", (inp.length,), vocab_size=len(vocabulary))
     if isinstance(inp, AudioInput):
         return ModalitySpec(inp.name, "spectrogram", tuple(int(s) for s in manifest["audio"][inp.recipe]["shape"]))
     if inp.kind == "flow" and not manifest.get("flow"):
@@ -151,6 +166,8 @@ def _missing_files(root: Path, clip: str, entry: dict, inputs: Sequence[Input]) 
     missing = []
     n = entry["frames"]
     for inp in inputs:
+        if isinstance(inp, TextInput):
+            continue  # the text is in the manifest
         if isinstance(inp, AudioInput):
             rel = f"{audio_dir(inp.recipe)}/{clip}.npy"
             if not (root / rel).is_file():
@@ -191,7 +208,8 @@ def build_prepared(dataset: str, data_path: str, scheme: str, inputs: Sequence[I
     m = manifest
     classes = tuple(m["classes"])
     index = {c: i for i, c in enumerate(classes)}
-    info = DatasetInfo(dataset, classes, tuple(_spec(i, m, root) for i in inputs))
+    vocabulary = read_text_vocabulary(root, m) if any(isinstance(i, TextInput) for i in inputs) else None
+    info = DatasetInfo(dataset, classes, tuple(_spec(i, m, root, vocabulary) for i in inputs))
 
     scheme_dir = root / SPLITS_DIR / scheme
     if not scheme_dir.is_dir():
@@ -242,12 +260,18 @@ def build_prepared(dataset: str, data_path: str, scheme: str, inputs: Sequence[I
                                      f"{want} float32")
 
     named = {i.name: i for i in inputs}
+    lookup = {w: k for k, w in enumerate(vocabulary or ())}
     made = {}
     for split, ids in rows.items():
         labels = torch.tensor([index[m["clips"][c]["label"]] for c in ids], dtype=torch.long)
         stored = [int(m["clips"][c]["frames"]) for c in ids]
+        tokens = {}
+        for inp in inputs:
+            if isinstance(inp, TextInput):
+                tokens[inp.name] = torch.tensor([encode(_clip_text(root, m, c), lookup, inp.length) for c in ids],
+                                                dtype=torch.long).view(len(ids), inp.length)
         made[split] = PreparedClips(info, split, root, ids, labels, stored, named, train=False,
-                                    frame_cache=frame_cache, caches=caches)
+                                    frame_cache=frame_cache, caches=caches, tokens=tokens)
     device_transform = None
     if frame_cache == "gpu" and caches:
         device_transform = BatchedFrames({i.name: (i.kind, i.size, i.channels) for i in frame_inputs})
@@ -255,11 +279,41 @@ def build_prepared(dataset: str, data_path: str, scheme: str, inputs: Sequence[I
                       val=made["val"], test=made["test"], device_transform=device_transform)
 
 
+def read_text_vocabulary(root: Path, manifest: dict) -> List[str]:
+    """The vocabulary file the manifest names, checked against the digest and size it records."""
+    entry = manifest.get("text")
+    if not isinstance(entry, dict) or "vocabulary" not in entry:
+        raise ValueError(f"{Path(root) / MANIFEST}: no 'text' entry naming a vocabulary: prepare the folder "
+                         f"again with this version")
+    path = Path(root) / entry["vocabulary"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the vocabulary that {Path(root) / MANIFEST} names is missing; rerun "
+                                f"script/prepare.py with the same --out")
+    text = path.read_text(encoding="utf-8")
+    if digest(text) != entry.get("sha256") or len(text.splitlines()) != entry.get("size"):
+        raise ValueError(f"{path}: not the vocabulary the manifest describes ({entry.get('size')} words, sha256 "
+                         f"{str(entry.get('sha256'))[:12]}...): it was changed; rerun script/prepare.py")
+    try:
+        return read_vocabulary(text)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _clip_text(root: Path, manifest: dict, clip: str) -> str:
+    text = manifest["clips"][clip].get("text")
+    if not isinstance(text, str):
+        raise ValueError(f"{Path(root) / MANIFEST}: clip {clip!r} has no 'text' (got {text!r})")
+    return text
+
+
 # ---------------------------------------------------------------------------------------------
 # Registration: one declaration per prepared dataset
 # ---------------------------------------------------------------------------------------------
 
-AUDIO, RGB, FLOW = "audio", "rgb", "flow"  # what feeds a modality: audio features, RGB frames, flow
+# What feeds a modality: audio features, RGB frames (or a still image), optical flow, a text.
+AUDIO, RGB, FLOW, TEXT = "audio", "rgb", "flow", "text"
+KINDS = (AUDIO, RGB, FLOW, TEXT)
+TEXT_LENGTH = 40  # default of --NAME_text_len: BalanceBenchmark's max_length for Food-101 titles
 
 
 @dataclass(frozen=True)
@@ -268,7 +322,7 @@ class PreparedDataset:
     name: str                                # --dataset NAME, prepare.py NAME, the flags' prefix
     title: str                               # the dataset in help texts, e.g. "CREMA-D"
     description: str                         # one line for --dataset's help
-    modalities: Tuple[Tuple[str, str], ...]  # (modality name, AUDIO | RGB | FLOW), in the model's order
+    modalities: Tuple[Tuple[str, str], ...]  # (modality name, AUDIO | RGB | FLOW | TEXT), in the model's order
     frames: int                              # default of --NAME_frames (frames per clip, one per segment)
     schemes: Tuple[str, ...]                 # the split schemes prepare.py writes; the first is the default
     scheme_help: str                         # what the schemes are (help of --NAME_split, when several)
@@ -276,6 +330,7 @@ class PreparedDataset:
     add_prepare_args: Callable[[argparse._ArgumentGroup], None]  # prepare.py NAME's own flags
     collect: Callable                        # args -> prepare.Collected
     short_side: int = 0                      # default of prepare.py's --short_side
+    image: bool = False                      # still images (one frame each): no --NAME_frames, no --fps
 
     def kinds(self) -> List[str]:
         return [kind for _, kind in self.modalities]
@@ -286,9 +341,9 @@ PREPARED: Dict[str, PreparedDataset] = {}
 
 def register_prepared(spec: PreparedDataset) -> PreparedDataset:
     """Register the trainer's loader of `spec` (its flags and build) and its preparation sub-command."""
-    bad = [k for k in spec.kinds() if k not in (AUDIO, RGB, FLOW)]
+    bad = [k for k in spec.kinds() if k not in KINDS]
     if bad or not spec.modalities:
-        raise ValueError(f"dataset {spec.name!r}: modality kinds must be {AUDIO!r}, {RGB!r} or {FLOW!r}, got {bad}")
+        raise ValueError(f"dataset {spec.name!r}: modality kinds must be out of {KINDS}, got {bad}")
     if not spec.schemes:
         raise ValueError(f"dataset {spec.name!r}: at least one split scheme")
     if spec.name in PREPARED:
@@ -298,7 +353,7 @@ def register_prepared(spec: PreparedDataset) -> PreparedDataset:
                      f"{spec.description}; prepared with script/prepare.py {spec.name}")(partial(_build, spec))
     register_preparer(Preparer(name=spec.name, description=spec.raw, add_args=spec.add_prepare_args,
                                collect=spec.collect, audio=AUDIO in spec.kinds(), flow=FLOW in spec.kinds(),
-                               short_side=spec.short_side))
+                               short_side=spec.short_side, image=spec.image))
     return spec
 
 
@@ -312,12 +367,17 @@ def _add_args(spec: PreparedDataset, group: argparse._ArgumentGroup) -> None:
     if len(spec.schemes) > 1:
         group.add_argument(f"--{n}_split", choices=spec.schemes, default=spec.schemes[0],
                            help=f"{t} split scheme: {spec.scheme_help} (default: %(default)s)")
-    framed = [m for m, kind in spec.modalities if kind != AUDIO]
-    group.add_argument(f"--{n}_frames", type=int, default=spec.frames,
-                       help=f"{t} frames per clip fed to the {' and '.join(framed)} encoder"
-                            f"{'s' if len(framed) > 1 else ''}, one per segment (default: %(default)s)")
+    framed = [m for m, kind in spec.modalities if kind in (RGB, FLOW)]
+    if not spec.image:
+        group.add_argument(f"--{n}_frames", type=int, default=spec.frames,
+                           help=f"{t} frames per clip fed to the {' and '.join(framed)} encoder"
+                                f"{'s' if len(framed) > 1 else ''}, one per segment (default: %(default)s)")
     group.add_argument(f"--{n}_image_size", type=int, default=224,
                        help=f"{t} frame height and width in pixels after crop/resize (default: %(default)s)")
+    if TEXT in spec.kinds():
+        group.add_argument(f"--{n}_text_len", type=int, default=TEXT_LENGTH,
+                           help=f"{t} text: words per sample as token ids, the first ones kept, zero-padded "
+                                f"(default: %(default)s)")
     if FLOW in spec.kinds():
         group.add_argument(f"--{n}_flow_channels", type=int, choices=(2, 3), default=2,
                            help=f"{t} flow channels: 2 = [u, v], 3 = [u, v, u] for three-channel encoders "
@@ -328,17 +388,22 @@ def _build(spec: PreparedDataset, args: argparse.Namespace) -> DataSplits:
     def flag(key: str):
         return getattr(args, f"{spec.name}_{key}")
 
-    check_positive(flag("frames"), f"--{spec.name}_frames")
+    frames = 1 if spec.image else flag("frames")
+    check_positive(frames, f"--{spec.name}_frames")
     check_positive(flag("image_size"), f"--{spec.name}_image_size", 16)
+    if TEXT in spec.kinds():
+        check_positive(flag("text_len"), f"--{spec.name}_text_len")
     manifest = open_prepared(spec.name, args.data_path)
     inputs: List[Input] = []
     for modality, kind in spec.modalities:
         if kind == AUDIO:
             recipe = choose_recipe(manifest, flag("audio"), f"--{spec.name}_audio", Path(args.data_path))
             inputs.append(AudioInput(modality, recipe))
+        elif kind == TEXT:
+            inputs.append(TextInput(modality, flag("text_len")))
         else:
             channels = flag("flow_channels") if kind == FLOW else 3
-            inputs.append(FramesInput(modality, kind, flag("frames"), flag("image_size"), channels))
+            inputs.append(FramesInput(modality, kind, frames, flag("image_size"), channels))
     scheme = flag("split") if len(spec.schemes) > 1 else spec.schemes[0]
     return build_prepared(spec.name, args.data_path, scheme, inputs, manifest,
                           frame_cache=getattr(args, "frame_cache", "off"))

@@ -45,17 +45,21 @@ def check_clip_id(clip: str, where: str) -> None:
                          f"'_', '-', '.' only)")
 
 
-def write_text_if_changed(path: Path, text: str) -> bool:
+def write_bytes_if_changed(path: Path, data: bytes) -> bool:
     """Write atomically (temporary file + rename), and only when the content differs, so that a
     second identical run leaves every file as it was. -> whether the file was written."""
     path = Path(path)
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
+    if path.is_file() and path.read_bytes() == data:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return True
+
+
+def write_text_if_changed(path: Path, text: str) -> bool:
+    return write_bytes_if_changed(path, text.encode("utf-8"))
 
 
 def manifest_text(manifest: dict) -> str:

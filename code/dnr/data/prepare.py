@@ -4,13 +4,17 @@ reads (layout in manifest.py). One sub-command per dataset:
     python script/prepare.py cremad          --root CREMA-D  --out data/cremad
     python script/prepare.py kinetics_sounds --root VIDEOS   --out data/kinetics_sounds --train_list .. --test_list ..
     python script/prepare.py ucf101          --root UCF-101  --splits_dir ucfTrainTestlist --out data/ucf101
+    python script/prepare.py vggsound        --root CLIPS    --csv vggsound.csv --out data/vggsound
+    python script/prepare.py food101         --root UPMC_Food101 --out data/food101
     python script/prepare.py pack            --data_path data/cremad    # optional: packed frame cache
 
 What it does: list the raw clips (the dataset module's `collect`), skip the clips whose outputs
-all exist, prepare the others in parallel (decode, features, frames, flow), each clip written to a
+all exist, prepare the others in parallel (decode, features, frames, flow; for a dataset of still
+images, the image as the clip's one frame), each clip written to a
 temporary folder under <out>/.tmp and moved into place only when all of it succeeded, so an
 interrupted or failed clip never leaves a half-written output; then write the split files and
-the manifest (only when their content changed: a second run changes nothing) and print a summary
+the manifest, with any whole-dataset files the module made (Food-101's vocabulary), only when
+their content changed (a second run changes nothing), and print a summary
 (written, skipped, failed with the reason, listed but missing with the clip names, warnings).
 
 Checks per clip (`--duration_tolerance`, seconds): a video whose data ends before the duration its
@@ -65,7 +69,8 @@ from . import audio as audio_lib
 from . import video as video_lib
 from . import cache as cache_lib
 from .manifest import (FLOW_DIR, FORMAT, FRAMES_DIR, MANIFEST, audio_dir, check_clip_id, flow_names,
-                       frame_name, manifest_text, read_manifest, split_path, write_text_if_changed)
+                       frame_name, manifest_text, read_manifest, split_path, write_bytes_if_changed,
+                       write_text_if_changed)
 from .splits import SPLITS, split_csv_text
 
 TMP_DIR = ".tmp"
@@ -97,6 +102,8 @@ class Collected:
     split_notes: Dict[str, str]                # scheme -> how its splits were made
     missing: Dict[str, str] = field(default_factory=dict)  # listed clips without their files
     notes: List[str] = field(default_factory=list)         # anything else the user should read
+    files: Dict[str, bytes] = field(default_factory=dict)  # whole-dataset files, path relative to --out
+    manifest: Dict[str, object] = field(default_factory=dict)  # entries added to the manifest (e.g. 'text')
 
 
 @dataclass
@@ -109,6 +116,7 @@ class Preparer:
     flow: bool             # optical flow is prepared (--flow, --flow_bound)
     short_side: int        # default of --short_side
     default_audio: str = "fbank"
+    image: bool = False    # the raw clips are still images (RawClip.video), one frame each
 
 
 PREPARERS: Dict[str, Preparer] = {}
@@ -146,6 +154,7 @@ class Task:
     tolerance: float = DURATION_TOLERANCE
     probe_video: bool = False      # measure the video's durations even when nothing of it is written
     probe_audio: bool = False      # measure the audio's duration and peak even when no recipe is written
+    image: bool = False            # `video` is a still image: its one frame
 
     def writes(self) -> bool:
         return bool(self.frames or self.flow or self.recipes)
@@ -200,7 +209,14 @@ def prepare_clip(t: Task) -> Outcome:
             except Exception as err:  # noqa: BLE001  (any decoder error is this clip's failure)
                 return Outcome(t.clip, _reason(err, t.audio_rel, t.root))
         sampled = None
-        if t.frames or t.flow or t.probe_video:
+        if t.image and (t.frames or t.probe_video):
+            try:
+                picture, (width, height) = video_lib.read_image(Path(t.video), t.short_side)
+            except Exception as err:  # noqa: BLE001  (any decoder error is this clip's failure)
+                return Outcome(t.clip, _reason(err, t.video_rel, t.root))
+            probe.update(width=width, height=height)
+            sampled = video_lib.SampledVideo(frames=[picture], flows=None, duration=0.0, decoded=1)
+        elif t.frames or t.flow or t.probe_video:
             try:
                 sampled = video_lib.sample_video(Path(t.video), t.fps, t.short_side, t.flow)
             except Exception as err:  # noqa: BLE001
@@ -356,7 +372,8 @@ def library_versions() -> dict:
 
 
 def _parameters(prep: Preparer, args) -> dict:
-    params = {"frames": video_lib.frames_params(args.fps, args.short_side, args.jpeg_quality)}
+    params = {"frames": video_lib.image_params(args.short_side, args.jpeg_quality) if prep.image
+              else video_lib.frames_params(args.fps, args.short_side, args.jpeg_quality)}
     if prep.flow:
         params["flow"] = video_lib.flow_params(args.flow, args.flow_bound)
     recipes = []
@@ -417,12 +434,13 @@ def run(prep: Preparer, args: argparse.Namespace) -> int:
         raise UsageError(f"--root {root}: not a folder")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
-    rules = [(args.fps > 0, f"--fps must be > 0, got {args.fps}"),
-             (args.workers >= 1, f"--workers must be >= 1, got {args.workers}"),
+    rules = [(args.workers >= 1, f"--workers must be >= 1, got {args.workers}"),
              (args.short_side >= 0, f"--short_side must be >= 0 (0 keeps the size), got {args.short_side}"),
              (1 <= args.jpeg_quality <= 100, f"--jpeg_quality must lie in [1, 100], got {args.jpeg_quality}")]
-    rules.append((args.duration_tolerance > 0,
-                  f"--duration_tolerance must be > 0 seconds, got {args.duration_tolerance}"))
+    if not prep.image:
+        rules.append((args.fps > 0, f"--fps must be > 0, got {args.fps}"))
+        rules.append((args.duration_tolerance > 0,
+                      f"--duration_tolerance must be > 0 seconds, got {args.duration_tolerance}"))
     if prep.audio:
         rules.append((args.fbank_frames >= 1, f"--fbank_frames must be >= 1, got {args.fbank_frames}"))
     if prep.flow:
@@ -461,22 +479,24 @@ def _run_locked(prep, args, root: Path, out: Path, params: dict, collected: Coll
     old_probe = {c: dict(e.get("probe", {})) for c, e in (old or {}).get("clips", {}).items()}
 
     tasks, skipped = [], 0
+    tolerance = getattr(args, "duration_tolerance", DURATION_TOLERANCE)  # still images have no duration
     for c in collected.clips:
         frames, flow, recipes = _needs(c, out, params)
         known = old_probe.get(c.id, {})
-        probe_video, probe_audio = "video_s" not in known, prep.audio and "audio_s" not in known
+        probe_video = ("width" if prep.image else "video_s") not in known
+        probe_audio = prep.audio and "audio_s" not in known
         if not (frames or flow or recipes or probe_video or probe_audio):
             skipped += 1
             continue
         tasks.append(Task(clip=c.id, out=str(out), video=str(c.video), audio=str(c.audio) if c.audio else None,
-                          video_rel=c.source.get("video", str(c.video)),
+                          video_rel=c.source.get("video") or c.source.get("image") or str(c.video),
                           audio_rel=c.source.get("audio", c.source.get("video", str(c.video))),
                           frames=frames, flow=args.flow if (flow and prep.flow) else None, recipes=recipes,
-                          fps=args.fps, short_side=args.short_side, jpeg_quality=args.jpeg_quality,
+                          fps=getattr(args, "fps", 1.0), short_side=args.short_side, jpeg_quality=args.jpeg_quality,
                           flow_bound=getattr(args, "flow_bound", 0.0),
                           fbank_frames=getattr(args, "fbank_frames", audio_lib.FBANK_FRAMES), root=str(root),
-                          fbank_channel=getattr(args, "fbank_channel", "first"), tolerance=args.duration_tolerance,
-                          probe_video=probe_video, probe_audio=bool(probe_audio)))
+                          fbank_channel=getattr(args, "fbank_channel", "first"), tolerance=tolerance,
+                          probe_video=probe_video, probe_audio=bool(probe_audio), image=prep.image))
     progress = _progress(args)
     results = run_tasks(tasks, args.workers, progress, desc=f"prepare {prep.name}")
     shutil.rmtree(out / TMP_DIR, ignore_errors=True)
@@ -496,7 +516,7 @@ def _run_locked(prep, args, root: Path, out: Path, params: dict, collected: Coll
             failed[c.id] = f"{FRAMES_DIR}/{c.id}: no frame"
             del clips[c.id]
             continue
-        found = clip_warnings(probe, args.duration_tolerance)
+        found = clip_warnings(probe, tolerance)
         if found:
             warnings[c.id] = found
 
@@ -511,6 +531,8 @@ def _run_locked(prep, args, root: Path, out: Path, params: dict, collected: Coll
             counts[f"{split}_failed_left_out"] = sum(1 for i in parts.get(split, []) if i not in clips)
         split_counts[scheme] = {"how": collected.split_notes.get(scheme, ""), **counts}
 
+    for rel, data in sorted(collected.files.items()):
+        write_bytes_if_changed(out / rel, data)
     written = sum(1 for t in tasks if t.writes() and not results[t.clip].error)
     checked = sum(1 for t in tasks if not t.writes() and not results[t.clip].error)
     versions = list(old.get("versions", [])) if old else []
@@ -524,16 +546,19 @@ def _run_locked(prep, args, root: Path, out: Path, params: dict, collected: Coll
         "frames": params["frames"],
         "flow": params.get("flow"),
         "audio": params["audio"],
-        "checks": {"duration_tolerance_s": args.duration_tolerance, "silence_peak": SILENCE_PEAK,
-                   "truncated": "fails: the data ends before the declared duration minus the tolerance",
-                   "warnings": "decoded video vs declared duration and vs audio beyond the tolerance; no "
-                               "declared duration; audio peak under silence_peak"},
+        "checks": ({"decode": "every image decoded whole (Pillow refuses a truncated file); a failure fails "
+                              "the clip"} if prep.image else
+                   {"duration_tolerance_s": tolerance, "silence_peak": SILENCE_PEAK,
+                    "truncated": "fails: the data ends before the declared duration minus the tolerance",
+                    "warnings": "decoded video vs declared duration and vs audio beyond the tolerance; no "
+                                "declared duration; audio peak under silence_peak"}),
         "splits": split_counts,
         "clips": clips,
         "failed": failed,
         "missing": collected.missing,
         "warnings": warnings,
         "versions": versions,
+        **collected.manifest,
     }
     changed = write_text_if_changed(out / MANIFEST, manifest_text(manifest))
     _summary(prep, out, collected, written, checked, skipped, failed, warnings, split_counts, changed)
@@ -604,8 +629,9 @@ def _add_common(p: argparse.ArgumentParser, prep: Preparer) -> None:
     g.add_argument("--root", required=True, help="folder of the raw dataset as downloaded (layout in the README)")
     g.add_argument("--out", required=True,
                    help="output folder (created if missing); nothing is written anywhere else")
-    g = p.add_argument_group("frames")
-    g.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video (default: 1)")
+    g = p.add_argument_group("images" if prep.image else "frames")
+    if not prep.image:
+        g.add_argument("--fps", type=float, default=1.0, help="frames kept per second of video (default: 1)")
     g.add_argument("--short_side", type=int, default=prep.short_side,
                    help="scale frames down so their shorter side has this many pixels; 0 keeps the "
                         f"decoded size (default: {prep.short_side})")
@@ -630,11 +656,12 @@ def _add_common(p: argparse.ArgumentParser, prep: Preparer) -> None:
         g.add_argument("--flow_bound", type=float, default=20.0,
                        help="flow magnitude, in pixels, mapped to the ends of the 8-bit range; larger "
                             "values are clipped (default: 20)")
-    g = p.add_argument_group("checks")
-    g.add_argument("--duration_tolerance", type=float, default=DURATION_TOLERANCE,
-                   help="seconds: a video whose data ends this much before the duration its file declares "
-                        "fails as truncated; larger differences between the decoded video, the declared "
-                        f"duration and the audio are reported as warnings (default: {DURATION_TOLERANCE:g})")
+    if not prep.image:
+        g = p.add_argument_group("checks")
+        g.add_argument("--duration_tolerance", type=float, default=DURATION_TOLERANCE,
+                       help="seconds: a video whose data ends this much before the duration its file declares "
+                            "fails as truncated; larger differences between the decoded video, the declared "
+                            f"duration and the audio are reported as warnings (default: {DURATION_TOLERANCE:g})")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of the splits that are drawn (default: 0)")
     g.add_argument("--workers", type=int, default=os.cpu_count() or 1,

@@ -11,7 +11,7 @@ clip alone or on a list that does not change with the files on disk:
   numbered_blocks   for numbered keys (CREMA-D's actors 1001-1091): one key of every block of
                     consecutive numbers per held-out split, chosen by the hash; exact to one key;
   take_per_class,   an exact stratified draw from a *listed* set (a published list, with the
-  stratified_fraction, partition_by_key   clips whose files are missing still in it); callers
+  stratified_fraction, stratified_count, partition_by_key   clips whose files are missing still in it); callers
                     pass the full list and drop the missing clips afterwards.
 
 A split file is a CSV with the header `clip,label` and one clip per row, sorted by clip id. The
@@ -67,6 +67,30 @@ def stratified_fraction(ids: Sequence[str], labels: Mapping[str, str], fraction:
                         seed) -> Tuple[List[str], List[str]]:
     """-> (held out: fraction_count(n_c, fraction) clips of each class c, rest)."""
     counts = {c: fraction_count(len(m), fraction) for c, m in by_class(ids, labels).items()}
+    return take_per_class(ids, labels, counts, seed)
+
+
+def stratified_count(ids: Sequence[str], labels: Mapping[str, str], count: int,
+                     seed) -> Tuple[List[str], List[str]]:
+    """-> (held out: `count` clips in all, each class's share of them by largest remainder, at most
+    all but one clip of a class; rest). MMBT's and QMF's Food-101 dev sets are 5,000 drawn this way."""
+    groups = by_class(ids, labels)
+    total = sum(len(m) for m in groups.values())
+    room = {c: max(len(m) - 1, 0) for c, m in groups.items()}
+    if not 0 < count <= sum(room.values()):
+        raise ValueError(f"cannot hold out {count} of {total} clips and keep one of each of the "
+                         f"{len(groups)} classes")
+    exact = {c: count * len(m) / total for c, m in groups.items()}
+    counts = {c: min(int(exact[c]), room[c]) for c in groups}
+    # Hand out the rest by the largest remainders (ties by class name), within each class's room.
+    for c in sorted(groups, key=lambda c: (-(exact[c] - int(exact[c])), c)) * 2:
+        if sum(counts.values()) == count:
+            break
+        if counts[c] < room[c]:
+            counts[c] += 1
+    while sum(counts.values()) < count:  # rare: the remainders could not place it all
+        c = max((c for c in groups if counts[c] < room[c]), key=lambda c: (room[c] - counts[c], c))
+        counts[c] += 1
     return take_per_class(ids, labels, counts, seed)
 
 

@@ -172,6 +172,37 @@ def sample_video(path: Path, fps: float, short_side: int = 0, flow: Optional[str
                         declared=declared, data_end=float(data_end))
 
 
+def image_params(short_side: int, jpeg_quality: int) -> dict:
+    """The 'frames' settings of a dataset of still images (one stored frame per sample)."""
+    return {
+        "source": "one image per sample, stored as its only frame",
+        "short_side": int(short_side),
+        "resize": "shorter side scaled down to short_side (0: original size), OpenCV INTER_AREA",
+        "format": "RGB JPEG (Pillow)",
+        "jpeg_quality": int(jpeg_quality),
+        "names": "frames/<clip>/frame_0000.jpg",
+        "decoder": "Pillow",
+    }
+
+
+def read_image(path: Path, short_side: int = 0) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """An image file -> ((H, W, 3) uint8 RGB, scaled down as the video frames are; its original
+    (width, height)). The whole file is decoded here, so a truncated or corrupt image fails now
+    (Pillow refuses a truncated JPEG) instead of in the loader."""
+    import cv2
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        size = im.size
+        picture = np.asarray(im.convert("RGB"))
+    h, w = picture.shape[:2]
+    nh, nw = _resize_shape(h, w, short_side)
+    if (nh, nw) != (h, w):
+        picture = cv2.resize(picture, (nw, nh), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(picture), size
+
+
 def _declared_duration(container, stream, rate) -> Optional[float]:
     """Seconds the file says it lasts (module docstring), None when it says nothing."""
     values = []

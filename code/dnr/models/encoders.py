@@ -26,7 +26,7 @@ class EncoderEntry:
 
 ENCODERS: Dict[str, EncoderEntry] = {}
 DEFAULT_FOR_KIND = {"spectrogram": "resnet18", "frames": "resnet18", "vector": "mlp",
-                    "sequence": "transformer"}  # transformer, mean_mlp: models/sequence.py
+                    "sequence": "transformer", "tokens": "transformer"}  # transformer, mean_mlp: models/sequence.py
 
 
 def register_encoder(name: str, add_args=None, options=None):

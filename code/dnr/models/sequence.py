@@ -1,15 +1,17 @@
-"""Encoders for modalities of kind "sequence": (B, T, D) -> pooled (B, out_dim).
+"""Encoders for modalities of kind "sequence", (B, T, D) -> pooled (B, out_dim), and of kind
+"tokens", (B, T) token ids -> pooled (B, out_dim).
 
 Padding convention (data/mosi.py documents the loader's side): a time step whose features are all
-zero is padding. The encoders derive the mask from the values, so the data item needs no mask
-channel, and at least one step per sample stays unmasked (a sample with no real step would
-otherwise give NaN attention and an empty mean).
+zero, or whose token id is 0, is padding. The encoders derive the mask from the values, so the data
+item needs no mask channel, and at least one step per sample stays unmasked (a sample with no real
+step would otherwise give NaN attention and an empty mean).
 
-  transformer  the default for kind "sequence": linear projection to --transformer_dim, a learnt
+  transformer  the default for kinds "sequence" and "tokens": linear projection (sequence) or a
+               token embedding (tokens; id 0 embeds to zero) to --transformer_dim, a learnt
                positional embedding, PyTorch's nn.TransformerEncoder (pre-norm, GELU) with the
                padding as key_padding_mask, a final LayerNorm, then the mean over non-padding
                steps. Sequences longer than --transformer_max_len are average-pooled in time
-               (padding excluded) before attention.
+               (padding excluded) before attention (tokens: after the embedding).
   mean_mlp     a cheap alternative: the mean over non-padding steps, then the two-layer MLP of
                encoders.py.
 """
@@ -59,13 +61,17 @@ def pool_time(x: Tensor, pad: Tensor, stride: int):
 
 
 class TransformerSequenceEncoder(nn.Module):
+    """`vocab_size` > 0: the input is (B, T) token ids, embedded (id 0, the padding, to zero);
+    otherwise (B, T, in_dim) features, projected."""
+
     def __init__(self, in_dim: int, seq_len: int, dim: int = 64, layers: int = 2, heads: int = 4,
-                 dropout: float = 0.1, max_len: int = 0):
+                 dropout: float = 0.1, max_len: int = 0, vocab_size: int = 0):
         super().__init__()
         self.seq_len = seq_len
         self.stride = math.ceil(seq_len / max_len) if max_len > 0 else 1
         self.out_dim = dim
-        self.proj = nn.Linear(in_dim, dim)
+        self.tokens = vocab_size > 0
+        self.proj = nn.Embedding(vocab_size, dim, padding_idx=0) if self.tokens else nn.Linear(in_dim, dim)
         self.pos = nn.Parameter(torch.zeros(1, math.ceil(seq_len / self.stride), dim))
         nn.init.trunc_normal_(self.pos, std=0.02)
         self.drop = nn.Dropout(dropout)
@@ -76,20 +82,30 @@ class TransformerSequenceEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 3 or x.shape[1] > self.seq_len:
-            raise ValueError(f"transformer encoder built for (B, T<={self.seq_len}, D) got {tuple(x.shape)}")
-        pad = padding_mask(x)
+        if x.dim() != (2 if self.tokens else 3) or x.shape[1] > self.seq_len:
+            want = "(B, T<={}) token ids" if self.tokens else "(B, T<={}, D)"
+            raise ValueError(f"transformer encoder built for {want.format(self.seq_len)}, got {tuple(x.shape)}")
+        if self.tokens:
+            ids = x.long()  # a float batch of ids (e.g. AGM's all-zero input) is cast, not refused
+            pad = ids == 0
+            pad[:, 0] &= ~pad.all(1)
+            x = self.proj(ids)  # (B, T) -> (B, T, dim)
+        else:
+            pad = padding_mask(x)
         if self.stride > 1:
             x, pad = pool_time(x, pad, self.stride)  # (B, T, D) -> (B, T / stride, D)
-        h = self.drop(self.proj(x) + self.pos[:, :x.shape[1]])  # (B, T, D) -> (B, T, dim)
+        h = x if self.tokens else self.proj(x)  # (B, T, D) -> (B, T, dim)
+        h = self.drop(h + self.pos[:, :x.shape[1]])
         h = self.norm(self.encoder(h, src_key_padding_mask=pad))
         return masked_mean(h, pad)  # (B, T, dim) -> (B, dim)
 
 
-def _check_sequence(spec: ModalitySpec, encoder: str) -> None:
-    if spec.kind != "sequence" or len(spec.shape) != 2:
-        raise ValueError(f"encoder {encoder} takes a sequence (T, D), got modality {spec.name!r} of kind "
-                         f"{spec.kind!r} shape {spec.shape}")
+def _check_sequence(spec: ModalitySpec, encoder: str, tokens: bool = False) -> None:
+    if (spec.kind == "sequence" and len(spec.shape) == 2) or (tokens and spec.kind == "tokens"):
+        return
+    want = "a sequence (T, D) or tokens (T,)" if tokens else "a sequence (T, D)"
+    raise ValueError(f"encoder {encoder} takes {want}, got modality {spec.name!r} of kind {spec.kind!r} "
+                     f"shape {spec.shape}")
 
 
 def _transformer_args(group: argparse._ArgumentGroup) -> None:
@@ -120,7 +136,7 @@ def _transformer(spec: ModalitySpec, dim: int = TRANSFORMER_DEFAULTS["dim"],
                  layers: int = TRANSFORMER_DEFAULTS["layers"], heads: int = TRANSFORMER_DEFAULTS["heads"],
                  dropout: float = TRANSFORMER_DEFAULTS["dropout"],
                  max_len: int = TRANSFORMER_DEFAULTS["max_len"]) -> nn.Module:
-    _check_sequence(spec, "transformer")
+    _check_sequence(spec, "transformer", tokens=True)
     rules = [
         (dim >= 1, f"--transformer_dim must be >= 1, got {dim}"),
         (layers >= 1, f"--transformer_layers must be >= 1, got {layers}"),
@@ -132,6 +148,9 @@ def _transformer(spec: ModalitySpec, dim: int = TRANSFORMER_DEFAULTS["dim"],
     for ok, message in rules:
         if not ok:
             raise ValueError(message)
+    if spec.kind == "tokens":
+        return TransformerSequenceEncoder(0, spec.shape[0], dim=dim, layers=layers, heads=heads, dropout=dropout,
+                                          max_len=max_len, vocab_size=spec.vocab_size)
     seq_len, in_dim = spec.shape
     return TransformerSequenceEncoder(in_dim, seq_len, dim=dim, layers=layers, heads=heads,
                                       dropout=dropout, max_len=max_len)
