@@ -14,15 +14,18 @@ import argparse
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from sklearn.preprocessing import MinMaxScaler
 from torch import nn
 from torch.utils.data import DataLoader
 
 from dnr.data import DatasetInfo, ModalitySpec
 from dnr.distributed import EpochBatchSampler
-from dnr.methods import METHODS, TrainContext, create_method
+from dnr.methods import METHODS, TrainContext, add_diagnosis_args, create_method
 from dnr.models import ENCODERS
 from dnr.models.encoders import EncoderEntry
 from dnr.stepping import Batch, Updater
@@ -57,6 +60,7 @@ def tiny_encoder(monkeypatch):
 
 def make_args(**flags):
     p = argparse.ArgumentParser()
+    add_diagnosis_args(p)
     for cls in METHODS.values():
         cls.add_args(p)
     args = p.parse_args([])
@@ -116,6 +120,15 @@ def differences(before, got, want, tol=TOL):
 
 def fused(model, feats):
     return model.fusion(feats).logits
+
+
+def fit_head_half(model, x, y, modality):
+    """Make `modality` dominant: its half of the concat head fits the labels (least squares)."""
+    with torch.no_grad():
+        feats = copy.deepcopy(model).train()(x).features[modality]
+        half = slice(0, 4) if modality == "audio" else slice(4, 8)
+        target = F.one_hot(y, INFO.num_classes).float() * 4
+        model.fusion.fc.weight[:, half] = torch.linalg.lstsq(feats, target - model.fusion.fc.bias / 2).solution.t()
 
 
 def encode(model, x, mode_train=True):
@@ -485,11 +498,8 @@ def ogm_compare(name, case, variant=None):
             model.encoders["visual"].load_state_dict(model.encoders["audio"].state_dict())
             x = {"audio": x["audio"], "visual": x["audio"].clone()}
             model.fusion.fc.weight[:, 4:] = model.fusion.fc.weight[:, :4]
-        else:  # the dominant modality's head half fits the labels
-            feats = copy.deepcopy(model).train()(x).features[case]
-            half = slice(0, 4) if case == "audio" else slice(4, 8)
-            target = F.one_hot(y, INFO.num_classes).float() * 4
-            model.fusion.fc.weight[:, half] = torch.linalg.lstsq(feats, target - model.fusion.fc.bias / 2).solution.t()
+        else:
+            fit_head_half(model, x, y, case)
     method = create_method(name, make_args(ogm_alpha=0.8), model, INFO)
     gen = method.noise_generator(0, "cpu") if name == "ogm_ge" else None
     before = state(model)
@@ -538,3 +548,148 @@ def test_ogm_ge_noise_statistics_and_untouched_gradients():
     z = torch.cat(standardised)  # 200 steps x 2 convolutions x 27 weights
     assert z.numel() == 200 * 2 * 27
     assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1) < 0.05
+
+
+# ====================================================================== OPM
+# GeWu-Lab/BML_TPAMI2024 at 4b3aa4f: code/models/Classifier.py (calcu_q: q = q_base (1 + lambda
+# tanh(relu(rho - 1))) when positive, clipped to [0, 1]; Classifier.forward: scores from the head's
+# detached weight halves plus bias / 2 on the undropped features; Modality_drop.execute_drop: a step
+# drops with probability p_exe, each sample keeps modality m with probability 1 - q_m, features
+# times mask / (1 - theta), theta = sum D_m q_m / sum D_m, samples with no modality left removed),
+# code/main.py L86-116 (the loss on the kept samples only; drop from epoch 6). Their draws come
+# from numpy and a Bernoulli sample; the re-derivation shares the method's draws (torch's global
+# generator, the step's draw first, then one mask per modality): the tie to the authors is in
+# distribution, checked by the statistics test below.
+def opm_reference(model, x, y, q_base, lam, p_exe, seed, variant=None):
+    ref = copy.deepcopy(model)
+    feats = encode(ref, x)
+    w, b = ref.fusion.fc.weight.detach(), ref.fusion.fc.bias.detach()
+    scores = {m: float(torch.softmax(feats[m].detach() @ w[:, half].t() + b / 2, 1)[torch.arange(B), y].sum())
+              for m, half in (("audio", slice(0, 4)), ("visual", slice(4, 8)))}
+    q = {}
+    for m, other in (("audio", "visual"), ("visual", "audio")):
+        ahead = math.tanh(max(scores[m] / scores[other] - 1, 0))
+        if variant == "ratio_without_tanh":
+            ahead = max(scores[m] / scores[other] - 1, 0)
+        q[m] = min(max(q_base * (1 + lam * ahead), 0.0), 1.0) if ahead > 0 else 0.0
+    if variant == "drop_weaker":
+        q = {"audio": q["visual"], "visual": q["audio"]}
+    torch.manual_seed(seed)
+    assert float(torch.rand(())) < p_exe  # this step drops
+    masks = {m: (torch.rand(B, 1) >= q[m]).float() for m in feats}
+    theta = sum(4 * q[m] for m in feats) / (4 * len(feats))
+    divisor = 1.0 if variant == "no_rescale" else 1 - theta
+    kept = torch.stack([masks[m][:, 0] for m in feats]).amax(0) > 0
+    cleaned = {m: (feats[m] * masks[m] / divisor)[kept] for m in feats}
+    loss = F.cross_entropy(fused(ref, cleaned), y[kept])
+    params = list(ref.parameters())
+    return ref, dict(zip(params, torch.autograd.grad(loss, params))), q
+
+
+def opm_compare(variant=None):
+    model, x, y = build("opm", seed=5)
+    fit_head_half(model, x, y, "audio")
+    method = create_method("opm", make_args(), model, INFO)  # q_base 0.5, lambda 0.5, p_exe 0.7, from epoch 6
+    before = state(model)
+    ref, grads, q = opm_reference(model, x, y, 0.5, 0.5, 0.7, seed=3, variant=variant)
+    want = reference_step(ref, grads)
+    method.on_epoch_start(6, None)
+    torch.manual_seed(3)
+    got = project_step(method, model, x, y, epoch=6)
+    if variant is None:
+        assert 0.5 < q["audio"] < 1 and q["visual"] == 0 and method.q == pytest.approx(q, rel=1e-6)
+    return differences(before, got, want)
+
+
+def test_opm_step_equals_the_authors_update():
+    assert opm_compare() == []
+
+
+@pytest.mark.parametrize("variant", ["drop_weaker", "no_rescale", "ratio_without_tanh"])
+def test_opm_comparison_fails_on_a_broken_update(variant):
+    assert opm_compare(variant) != []
+
+
+def test_opm_drop_statistics():
+    """Over 400 steps a step drops with probability p_exe and the dominant modality's features of a
+    sample are dropped with probability q (the authors' Bernoulli(1 - q) masks)."""
+    model, x, y = build("opm", seed=5)
+    fit_head_half(model, x, y, "audio")
+    method = create_method("opm", make_args(), model, INFO)
+    method.on_epoch_start(6, None)
+    torch.manual_seed(0)
+    executed, dropped = 0, []
+    with torch.no_grad():
+        for _ in range(400):
+            out = method.forward(model.eval(), x, y)
+            if method.keep is not None:
+                executed += 1
+                dropped.append((out.features["audio"].abs().sum(1) == 0).float())
+                assert (out.features["visual"].abs().sum(1) > 0).all()
+    assert abs(executed / 400 - 0.7) < 0.07
+    assert abs(float(torch.cat(dropped).mean()) - method.q["audio"]) < 0.04
+
+
+# ====================================================================== D&R
+# GeWu-Lab/Diagnosing_Relearning_ECCV2024 at 025085e: code/ours.py L99-135 (reinit_score: per
+# split and modality MinMaxScaler(-1, 1), KMeans(n_clusters=C, random_state=0), purity = the
+# accuracy of each cluster's majority label; a = tanh(move_lambda |P_train - P_val|)), L139-169
+# (reinit: every parameter whose name holds audio_net / visual_net becomes a init + (1 - a) now;
+# the lists of names holding "conv" are built and never used), L345-349 (the initial state saved
+# right after the model is built), L415-427 (after epochs with epoch % reinit_epoch == 0, epoch > 0).
+def relearn_reference(model, init, features, lam, variant=None):
+    ref = copy.deepcopy(model)
+    alpha = {}
+    for m in INFO.modality_names:
+        purity = {}
+        for split, (feats, labels) in features.items():
+            scaled = MinMaxScaler(feature_range=(-1, 1)).fit_transform(feats[m].double().numpy())
+            clusters = KMeans(n_clusters=INFO.num_classes, random_state=0, n_init=10).fit_predict(scaled)
+            labels = labels.numpy()
+            majority = {c: np.bincount(labels[clusters == c]).argmax() for c in np.unique(clusters)}
+            purity[split] = float(np.mean([majority[c] == t for c, t in zip(clusters, labels)]))
+        gap = abs(purity["train"] - purity["val"])
+        alpha[m] = min(lam * gap, 1.0) if variant == "no_tanh" else math.tanh(lam * gap)
+    with torch.no_grad():
+        for m in INFO.modality_names:
+            named = dict(ref.encoders[m].named_parameters())
+            if variant == "buffers_too":
+                named.update(ref.encoders[m].named_buffers())
+            for name, p in named.items():
+                if variant == "conv_only" and "conv" not in name:
+                    continue
+                if p.dtype.is_floating_point:
+                    p.copy_(alpha[m] * init[f"encoders.{m}.{name}"] + (1 - alpha[m]) * p)
+    return state(ref), alpha
+
+
+def relearn_compare(variant=None):
+    model, _, _ = build("relearn", seed=6)
+    init = state(model)
+    method = create_method("relearn", make_args(kmeans_backend="sklearn", reinit_epoch=1), model, INFO)
+    with torch.no_grad():  # training moved everything, BatchNorm statistics included
+        for t in model.state_dict().values():
+            if t.dtype.is_floating_point:
+                t.add_(torch.randn_like(t) * 0.1)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % INFO.num_classes
+    centres = {m: torch.randn(INFO.num_classes, 4, generator=g) * 3 for m in INFO.modality_names}
+    noise = {"train": {"audio": 0.3, "visual": 2.0}, "val": {"audio": 3.0, "visual": 2.5}}  # audio memorised
+    features = {split: ({m: centres[m][labels] + torch.randn(40, 4, generator=g) * noise[split][m]
+                         for m in INFO.modality_names}, labels) for split in ("train", "val")}
+    ctx = TrainContext(model=model, device="cpu", info=INFO, args=method.args, extract_features=features.get)
+    before = state(model)
+    want, alpha = relearn_reference(model, init, features, 3.0, variant)
+    record = method.on_epoch_end(1, ctx)["diagnosis"]
+    if variant is None:
+        assert record.alpha == pytest.approx(alpha, rel=1e-6) and alpha["audio"] > alpha["visual"] > 0
+    return differences(before, state(model), want)
+
+
+def test_relearn_reinit_equals_the_authors():
+    assert relearn_compare() == []
+
+
+@pytest.mark.parametrize("variant", ["buffers_too", "conv_only", "no_tanh"])
+def test_relearn_comparison_fails_on_a_broken_reinit(variant):
+    assert relearn_compare(variant) != []
