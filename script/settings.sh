@@ -4,9 +4,10 @@
 # DATA=FOLDER: a folder written by script/prepare.py (its manifest.json names the dataset), or, with
 #              DATASET=mosi or DATASET=mosei, a folder holding the feature file. DATASET= also
 #              overrides the manifest (the loader then checks that they agree). Settings per dataset:
-#   cremad                    the D&R authors' (SPEC section 2): ResNet-18 x 2 from scratch, SGD lr
-#                             0.002, momentum 0.9, weight decay 1e-4, batch 64, 90 epochs, no LR
-#                             schedule; D&R lambda 3, a diagnosis every 20 epochs, at most 3.
+#   cremad                    the D&R authors' (SPEC section 2): ResNet-18 x 2 from scratch with the
+#                             official backbone's initialisation (--init official), SGD lr 0.002,
+#                             momentum 0.9, weight decay 1e-4, batch 64, 90 epochs, no LR schedule;
+#                             D&R lambda 3, a diagnosis every 20 epochs, at most 3.
 #   kinetics_sounds, vggsound, ucf101, food101
 #                             ours, not the field's: the CREMA-D settings carried over unchanged (the
 #                             D&R authors published settings for CREMA-D only; nothing here was tuned).
@@ -28,7 +29,11 @@ if [ -n "${DATA:-}" ]; then
                   "$DATA/manifest.json") || exit 2
     fi
     case "$DATASET" in
-        cremad|kinetics_sounds|vggsound|ucf101|food101)
+        cremad)
+            SETTINGS="--dataset cremad --init official --batch_size 64 --epochs 90 --optimizer sgd
+                      --learning_rate 0.002 --lr_decay_step 0 --move_lambda 3 --reinit_epoch 20 --reinit_num 3
+                      --num_workers ${NUM_WORKERS:-8}" ;;
+        kinetics_sounds|vggsound|ucf101|food101)
             SETTINGS="--dataset $DATASET --batch_size 64 --epochs 90 --optimizer sgd
                       --learning_rate 0.002 --lr_decay_step 0 --move_lambda 3 --reinit_epoch 20 --reinit_num 3
                       --num_workers ${NUM_WORKERS:-8}" ;;

@@ -121,7 +121,7 @@ def test_every_method_runs_with_three_modalities(method, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert set(res["unimodal_test_acc"]) == {"audio", "visual", "sensor"}
     log = read_log(out)[0]["train"]
-    prefix = {"ogm": "ogm_coeff_", "ogm_ge": "ogm_coeff_", "agm": "agm_coeff_", "pmr": None,
+    prefix = {"ogm": "ogm_coeff_", "ogm_ge": "ogm_coeff_", "agm": "agm_coeff_", "pmr": "pmr_ratio_",
               "mmpareto": "mmpareto_cos_", "opm": "opm_q_"}.get(method)
     if prefix:  # the method's own per-modality numbers reach the log, for all three modalities
         assert {k[len(prefix):] for k in log if k.startswith(prefix)} == {"audio", "visual", "sensor"}

@@ -8,13 +8,14 @@ import torch.nn.functional as F
 
 from dnr.data import DatasetInfo, ModalitySpec
 from dnr.methods import METHODS, create_method
-from dnr.methods.agm import agm_coefficients, shapley_responses, zero_input_features
+from dnr.methods.agm import agm_coefficients, mono_scores, response_passes, shapley_responses
 from dnr.methods.common import ratio_to_others, true_class_score
-from dnr.methods.mmpareto import combine, pareto_weights
+from dnr.methods.mmpareto import integrate, pareto_weights
 from dnr.methods.ogm_ge import ogm_coefficients
 from dnr.methods.opm import drop_probabilities
 from dnr.methods.pmr import class_prototypes, prototype_logits
 from dnr.models import ModelOutput, create_model
+from dnr.stepping import Batch, Updater
 
 INFO = DatasetInfo("vec", ("a", "b", "c"),
                    (ModalitySpec("audio", "vector", (6,)), ModalitySpec("visual", "vector", (6,))))
@@ -58,14 +59,32 @@ def test_ogm_coefficient_for_a_known_batch():
     assert rho["audio"] == pytest.approx(s_a / s_v) and s_v == pytest.approx(1.0)
     assert coeff["audio"] == pytest.approx(1 - math.tanh(0.8 * s_a / s_v))
     assert coeff["visual"] == 1.0
-    code, _ = ogm_coefficients({"audio": s_a, "visual": s_v}, alpha=0.8, formula="code")
-    assert code["audio"] == pytest.approx(1 - math.tanh(0.8 * (s_a / s_v - 1)))
+    first, _ = ogm_coefficients({"audio": s_a, "visual": s_v}, alpha=0.8, formula="relu_minus_one")
+    assert first["audio"] == pytest.approx(1 - math.tanh(0.8 * (s_a / s_v - 1)))
+    # An exact tie modulates the first modality, as the authors' code does (their audio).
+    tie, _ = ogm_coefficients({"audio": 2.0, "visual": 2.0}, alpha=0.8)
+    assert tie == {"audio": pytest.approx(1 - math.tanh(0.8)), "visual": 1.0}
+    tie3, _ = ogm_coefficients({"a": 1.0, "b": 1.0, "c": 1.0}, alpha=0.8, formula="relu_minus_one")
+    assert tie3 == {"a": 1.0, "b": 1.0, "c": 1.0}
+
+
+def test_ogm_conv_rule_leaves_encoders_without_convolutions_alone():
+    model, x, y = model_and_batch()
+    with pytest.warns(UserWarning, match=r"encoders of \['audio', 'visual'\] have no convolution weight"):
+        method = create_method("ogm_ge", make_args(), model, INFO)
+    out = model(x)
+    F.cross_entropy(out.logits, y).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    logs = method.before_step(model, ModelOutput(out.logits, {}, {"audio": F.one_hot(y, 3) * 6.0,
+                                                                   "visual": torch.zeros(6, 3)}), y, 0)
+    assert logs["ogm_coeff_audio"] < 1  # computed and logged, applied to no parameter
+    assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("name", ["ogm", "ogm_ge"])
-def test_ogm_scales_only_the_dominant_encoder(name):
+def test_ogm_all_params_scales_only_the_dominant_encoder(name):
     model, x, y = model_and_batch()
-    method = create_method(name, make_args(), model, INFO)
+    method = create_method(name, make_args(ogm_params="all"), model, INFO)
     torch.manual_seed(1)
     grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
@@ -98,7 +117,7 @@ def test_gradient_methods_refuse_mixing_fusions():
     model = create_model(INFO, fusion="film")
     x = {s.name: torch.randn(4, *s.shape) for s in INFO.modalities}
     out = model(x)
-    method = create_method("ogm_ge", make_args(), model, INFO)
+    method = create_method("ogm_ge", make_args(ogm_params="all"), model, INFO)
     with pytest.raises(ValueError, match="use --fusion concat or sum"):
         method.before_step(model, out, torch.tensor([0, 1, 2, 0]), 0)
     with pytest.raises(ValueError, match="at least two modalities"):
@@ -113,36 +132,37 @@ def test_mmpareto_weights_positive_and_negative_cosine():
     assert cos < 0 and w_mm == pytest.approx(0.6) and w_uni == pytest.approx(0.4)
     point = w_mm * g_mm + w_uni * g_uni  # the min-norm point of the segment: orthogonal to it
     assert float((g_mm - g_uni).dot(point)) == pytest.approx(0.0, abs=1e-6)
-    g, _ = combine(g_mm, g_uni)  # 2 * (0.2, 0.4) has norm 0.894 < ||g_mm + g_uni|| = 1: rescaled
+    assert pareto_weights(g_mm, torch.tensor([0.0, 1.0]))[:2] == (pytest.approx(1 / 2), pytest.approx(1 / 2))  # cos 0
+    (g,), _ = integrate([g_mm], [g_uni], gamma=1.0)  # 2 * (0.2, 0.4): norm 0.894 < ||g_mm + g_uni|| = 1
     assert torch.allclose(g, torch.tensor([0.2, 0.4]) / math.sqrt(0.2))
-    g, _ = combine(torch.tensor([3.0, 0.0]), torch.tensor([1.0, 0.0]))  # agreeing: the plain sum
-    assert torch.allclose(g, torch.tensor([4.0, 0.0]))
+    (g,), _ = integrate([torch.tensor([3.0, 0.0])], [torch.tensor([1.0, 0.0])])  # agreeing: 1.5 x the sum
+    assert torch.allclose(g, torch.tensor([6.0, 0.0]))
+    # Tensor by tensor, each part is scaled to its own plain sum's norm; over the vector, all at once.
+    a_mm = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])]
+    a_uni = [torch.tensor([-1.0, 1.0]), torch.tensor([0.0, 0.0])]
+    per_tensor, info = integrate(a_mm, a_uni, gamma=1.0)
+    assert info["cos"] < 0
+    for new, s in zip(per_tensor, (torch.tensor([0.0, 1.0]), torch.tensor([0.0, 2.0]))):
+        assert float(new.norm()) >= float(s.norm()) - 1e-6
+    whole, _ = integrate(a_mm, a_uni, gamma=1.0, per_tensor=False)
+    assert not torch.allclose(torch.cat(whole), torch.cat(per_tensor))
 
 
-def test_mmpareto_backward_sets_encoder_and_head_gradients():
-    model, x, y = model_and_batch()
-    method = create_method("mmpareto", make_args(), model, INFO)
-    out = model(x)
-    loss, _ = method.loss(out, y, 0)
-    # reference gradients, computed independently
-    params = {n: p for n, p in model.named_parameters()}
-    mm = F.cross_entropy(out.logits, y)
-    ref = {}
-    for m in ("audio", "visual"):
-        names = [n for n in params if n.startswith(f"encoders.{m}.")]
-        g_mm = torch.autograd.grad(mm, [params[n] for n in names], retain_graph=True)
-        g_u = torch.autograd.grad(F.cross_entropy(out.unimodal_logits[m], y), [params[n] for n in names],
-                                  retain_graph=True)
-        new, _ = combine(torch.cat([g.flatten() for g in g_mm]), torch.cat([g.flatten() for g in g_u]))
-        ref[m] = (names, new)
-    head = [n for n in params if n.startswith("fusion")]
-    g_head = torch.autograd.grad(loss, [params[n] for n in head], retain_graph=True)
-    method.backward(loss, out, y, model)
-    for m, (names, new) in ref.items():
-        got = torch.cat([params[n].grad.flatten() for n in names])
-        assert torch.allclose(got, new, atol=1e-6)
-    for n, g in zip(head, g_head):
-        assert torch.allclose(params[n].grad, g, atol=1e-6)
+def test_mmpareto_builds_its_own_heads_and_works_with_every_fusion():
+    for fusion in ("concat", "film"):
+        torch.manual_seed(0)
+        model = METHODS["mmpareto"].build_model(INFO3, fusion=fusion)
+        assert {m: tuple(h.weight.shape) for m, h in model.unimodal_heads.items()} == {
+            "audio": (3, 256), "visual": (3, 256), "text": (3, 256)}
+        method = create_method("mmpareto", make_args(), model, INFO3)
+        x = {s.name: torch.randn(6, *s.shape) for s in INFO3.modalities}
+        y = torch.arange(6) % 3
+        out = model(x)
+        loss, logs = method.loss(out, y, 0)
+        method.backward(loss, out, y, model)
+        assert set(method.before_step(model, out, y, 0)) == {f"mmpareto_{k}_{m}" for k in ("w_mm", "w_uni", "cos")
+                                                            for m in ("audio", "visual", "text")}
+        assert all(p.grad is not None for p in model.parameters())
 
 
 # ---------------------------------------------------------------- PMR
@@ -151,6 +171,9 @@ def test_pmr_prototypes_and_loss():
     labels = torch.tensor([0, 0, 1, 1])
     protos = class_prototypes(feats, labels, 3)
     assert torch.equal(protos, torch.tensor([[1.0, 0.0], [0.0, 5.0], [0.0, 0.0]]))
+    # A class absent from the samples keeps its previous prototype.
+    kept = class_prototypes(feats, labels, 3, previous=torch.full((3, 2), 7.0))
+    assert torch.equal(kept, torch.tensor([[1.0, 0.0], [0.0, 5.0], [7.0, 7.0]]))
     z = torch.tensor([[1.0, 1.0]])
     assert torch.allclose(prototype_logits(z, protos, squared=True), torch.tensor([[-1.0, -17.0, -2.0]]))
     assert torch.allclose(prototype_logits(z, protos), -torch.tensor([[1.0, 17.0, 2.0]]).sqrt())
@@ -180,34 +203,40 @@ def test_pmr_prototypes_and_loss():
 def test_agm_shapley_responses_add_up_and_match_the_linear_head():
     model, x, y = model_and_batch(INFO3)
     model.eval()
+    names = INFO3.modality_names
     with torch.no_grad():
         out = model(x)
-        zero = zero_input_features(model, {s.name: s.shape for s in INFO3.modalities}, "cpu")
-        mono = shapley_responses(model.head, out.features, zero)
+        h = response_passes(model, x, names)
+        mono = shapley_responses(names, out.logits, h)
         assert torch.allclose(sum(mono.values()), out.logits, atol=1e-5)  # efficiency
         # with a linear (concat) head the Shapley value of m is W_m (z_m - z_m^0) + h(empty) / M
         fc = model.fusion.fc
+        zero = {m: model.encoders[m](torch.zeros(1, *INFO3.spec(m).shape)) for m in names}
         h0 = model.head({m: zero[m].expand(6, -1) for m in zero}).logits
         for m, (a, b) in model.fusion.slices.items():
             expected = (out.features[m] - zero[m]) @ fc.weight[:, a:b].t() + h0 / 3
             assert torch.allclose(mono[m], expected, atol=1e-5)
+    # The scores floor each probability at 1e-8: a confidently wrong sample counts -log(1e-8).
+    wrong = torch.tensor([[100.0, 0.0, 0.0]])
+    assert mono_scores({"a": wrong}, torch.tensor([1]))["a"] == pytest.approx(-math.log(1e-8))
 
 
-def test_agm_coefficients_and_gradient_scaling():
+def test_agm_coefficients_and_three_modality_step():
     coeff = agm_coefficients({"audio": 0.5, "visual": 1.5}, {"audio": 1.0, "visual": 1.0}, alpha=1.0)
     assert coeff["audio"] == pytest.approx(math.exp(1 - math.e))  # ahead of its usual standing: slowed
     assert coeff["visual"] == pytest.approx(math.exp(1 - math.exp(-1)))  # behind: sped up
-    model, x, y = model_and_batch()
-    method = create_method("agm", make_args(), model, INFO)
-    out = model(x)
-    F.cross_entropy(out.logits, y).backward()
-    before = {n: p.grad.clone() for n, p in model.named_parameters()}
-    logs = method.before_step(model, out, y, 0)
-    assert method.steps == 1 and set(method.running) == {"audio", "visual"}
-    for n, p in model.named_parameters():
-        m = n.split(".")[1] if n.startswith("encoders") else None
-        k = logs[f"agm_coeff_{m}"] if m else 1.0
-        assert torch.allclose(p.grad, before[n] * k), n
+    capped = agm_coefficients({"a": 0.0, "b": 0.0}, {"a": 20.0, "b": 0.0}, 1.0, cap=7.0)  # optimal ratio e^20
+    assert capped["b"] == pytest.approx(math.exp(7))
+    model, x, y = model_and_batch(INFO3)
+    method = create_method("agm", make_args(), model, INFO3)
+    with torch.no_grad():
+        fused_loss = F.cross_entropy(model(x).logits, y).item()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = method.train_step(model, Batch(x, y, torch.arange(6), 0, 0), Updater(model, opt, "cpu"))
+    assert method.steps == 1 and set(method.running) == {"audio", "visual", "text"}
+    # The first step's running means start from 0, so its "optimal" ratio is 1 for every modality.
+    assert {m: result.logs[f"agm_score_{m}"] for m in method.running} == pytest.approx(method.running)
+    assert result.loss.item() == pytest.approx(fused_loss, rel=1e-5)  # the responses add up to the fused logits
 
 
 # ---------------------------------------------------------------- OPM

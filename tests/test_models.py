@@ -72,3 +72,39 @@ def test_model_errors_name_the_problem():
     with pytest.raises(KeyError, match="lacks modalities"):
         create_model(AV)({"audio": torch.randn(2, 1, 16, 16)})
     assert {"resnet18", "mlp"} <= set(ENCODERS)
+
+
+def official_init_problems(model) -> list:
+    """What differs from the official D&R backbone's initialisation (GeWu-Lab/Diagnosing_Relearning_ECCV2024
+    at 025085e, code/models/backbone.py L104-119: convolutions kaiming-normal fan_out/relu, BatchNorm
+    weights N(1, 0.02), biases 0): [] when the model's ResNet-18 encoders match it."""
+    bn_weights, problems = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            bn_weights.append(module.weight.detach().flatten())
+            if module.bias.abs().max() != 0:
+                problems.append(f"{name}: bias not 0")
+        elif isinstance(module, torch.nn.Conv2d):
+            fan_out = module.out_channels * module.kernel_size[0] * module.kernel_size[1]
+            std = module.weight.std().item()
+            if abs(std / (2 / fan_out) ** 0.5 - 1) > 0.1:
+                problems.append(f"{name}: conv std {std:.4f}, kaiming fan_out wants {(2 / fan_out) ** 0.5:.4f}")
+    w = torch.cat(bn_weights)  # ~4,800 channels per ResNet-18: the mean is known to +-0.0003, the std to +-0.0002
+    if abs(w.mean().item() - 1) > 0.002 or abs(w.std().item() - 0.02) > 0.002:
+        problems.append(f"BatchNorm weights mean {w.mean().item():.4f} std {w.std().item():.4f}, want 1 and 0.02")
+    return problems
+
+
+def test_official_resnet_init_matches_the_official_backbone():
+    torch.manual_seed(0)
+    official = create_model(AV, encoder_options={"resnet18": {"init": "official"}})
+    assert official_init_problems(official) == []
+    # torchvision's: the same convolutions, BatchNorm weights exactly 1, which the check must catch.
+    torch.manual_seed(0)
+    plain = create_model(AV)
+    bn = [m for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bn) == 2 * 20 and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in bn)
+    problems = official_init_problems(plain)
+    assert len(problems) == 1 and problems[0].startswith("BatchNorm weights mean 1.0000 std 0.0000")
+    with pytest.raises(ValueError, match="--init must be one of"):
+        create_model(AV, encoder_options={"resnet18": {"init": "xavier"}})

@@ -17,18 +17,10 @@ from .data.base import DeviceTransform
 from .methods.base import Method
 from .metrics import accuracy, classification_metrics
 from .models import unwrap
-from .stepping import AMP_DTYPES, Batch, Updater, autocast
+from .stepping import AMP_DTYPES, Updater, autocast, to_device, training_batches
 
 __all__ = ["AMP_DTYPES", "to_device", "train_one_epoch", "Outputs", "forward_pass", "metrics_of",
            "evaluate", "extract_features", "FeatureSource"]
-
-
-def to_device(inputs: Mapping[str, Tensor], device, transform: Optional[DeviceTransform] = None,
-              train: bool = False) -> Dict[str, Tensor]:
-    """Move a batch to `device`, then apply the dataset's device transform (e.g. --frame_cache gpu's
-    batched crop/flip/resize of uint8 frames). It runs outside autocast: the model gets float32."""
-    moved = {m: x.to(device, non_blocking=True) for m, x in inputs.items()}
-    return moved if transform is None else transform(moved, train)
 
 
 def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, update: Updater, epoch: int, *,
@@ -47,10 +39,7 @@ def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, update
         sums[key] = sums.get(key, 0.0) + value
 
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
-    for step, raw in enumerate(bar):
-        batch = Batch(inputs=to_device(raw["inputs"], device, device_transform, train=True),
-                      labels=raw["label"].to(device, non_blocking=True), index=raw["index"],
-                      epoch=epoch, step=step)
+    for batch in training_batches(bar, device, epoch, device_transform):
         result = method.train_step(model, batch, update)
         b = batch.labels.shape[0]
         add("n", b)
@@ -61,8 +50,8 @@ def train_one_epoch(model: nn.Module, method: Method, loader: DataLoader, update
         for k, v in result.logs.items():
             add(k, float(v) * b)
         bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['acc'] / sums['n']:.3f}")
-        if log_every > 0 and (step + 1) % log_every == 0:
-            log(f"  epoch {epoch} step {step + 1}/{len(loader)} loss {sums['loss'] / sums['n']:.4f} "
+        if log_every > 0 and (batch.step + 1) % log_every == 0:
+            log(f"  epoch {epoch} step {batch.step + 1}/{len(loader)} loss {sums['loss'] / sums['n']:.4f} "
                 f"train acc {sums['acc'] / sums['n']:.3f} ({time.perf_counter() - start:.0f}s)")
     # Sum over processes (keys are the same on every rank: same model, same method).
     totals = dist.all_reduce_dict(sums, device)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
+from typing import Dict, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from .data.base import DeviceTransform
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -21,6 +24,14 @@ def autocast(device, dtype: Optional[torch.dtype]):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def to_device(inputs: Mapping[str, Tensor], device, transform: Optional[DeviceTransform] = None,
+              train: bool = False) -> Dict[str, Tensor]:
+    """Move a batch to `device`, then apply the dataset's device transform (e.g. --frame_cache gpu's
+    batched crop/flip/resize of uint8 frames). It runs outside autocast: the model gets float32."""
+    moved = {m: x.to(device, non_blocking=True) for m, x in inputs.items()}
+    return moved if transform is None else transform(moved, train)
 
 
 @dataclass
@@ -33,6 +44,15 @@ class Batch:
     index: Tensor
     epoch: int
     step: int
+
+
+def training_batches(loader: DataLoader, device, epoch: int,
+                     transform: Optional[DeviceTransform] = None) -> Iterator[Batch]:
+    """The loader's batches as training sees them: on `device`, through the device transform with
+    train=True (augmentation), numbered from step 0."""
+    for step, raw in enumerate(loader):
+        yield Batch(inputs=to_device(raw["inputs"], device, transform, train=True),
+                    labels=raw["label"].to(device, non_blocking=True), index=raw["index"], epoch=epoch, step=step)
 
 
 class Updater:

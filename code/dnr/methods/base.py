@@ -28,15 +28,16 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
-from ..data.base import DatasetInfo
+from ..data.base import DatasetInfo, DeviceTransform
 from ..diagnose import Relearner
 from ..models import ModelOutput, create_model
-from ..stepping import Batch, StepResult, Updater, check_finite
+from ..stepping import Batch, StepResult, Updater, check_finite, training_batches
 from .diagnosis import check_diagnosis_args, make_relearner
 
 
@@ -44,9 +45,10 @@ from .diagnosis import check_diagnosis_args, make_relearner
 class TrainContext:
     """What hooks may use besides the batch: the model, where it runs, the data description,
     `extract_features(split)` -> ({modality: (N, D)}, labels (N,)) for "train" (training
-    samples, evaluation transform) and "val", the run folder, and `run_stage(name, **flags)`,
-    which runs this trainer with other flags into <out>/<name> (resuming it if it was cut, re-reading
-    it if it finished) and returns that run's folder."""
+    samples, evaluation transform) and "val", `train_batches(epoch)` (this epoch's training
+    batches as the loop will see them: same order, training transform), the run folder, and
+    `run_stage(name, **flags)`, which runs this trainer with other flags into <out>/<name>
+    (resuming it if it was cut, re-reading it if it finished) and returns that run's folder."""
 
     model: nn.Module
     device: object
@@ -57,6 +59,15 @@ class TrainContext:
     broadcast: Callable[[object], object] = lambda obj: obj  # rank 0's object on every process
     out: Optional[Path] = None
     run_stage: Optional[Callable[..., Path]] = None
+    train_loader: Optional[DataLoader] = None  # this process's shard of every training batch
+    train_transform: Optional[DeviceTransform] = None  # the device transform training batches get
+
+    def train_batches(self, epoch: int) -> Iterator[Batch]:
+        """This epoch's training batches (this process's shard), on the device, augmented as in
+        training. Each call draws augmentation anew; the order is the epoch's (seed, epoch) one."""
+        if self.train_loader is None:
+            raise ValueError("this TrainContext was built without the training loader")
+        return training_batches(self.train_loader, self.device, epoch, self.train_transform)
 
 
 class Method:

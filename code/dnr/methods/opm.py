@@ -1,14 +1,31 @@
 """OPM: on-the-fly prediction modulation (Wei, Hu et al., TPAMI 2024).
 
-Each training step, from the head's per-modality logits on the undropped features:
-S_m = sum_batch softmax(s_m)[y], rho_m = S_m / S_other. A modality ahead of the others
-(rho_m > 1) has its features dropped, sample by sample, with probability
+Checked against the authors' released code: GeWu-Lab/BML_TPAMI2024 at 4b3aa4f,
+`code/models/Classifier.py` (`calcu_q`, `Modality_drop.execute_drop`, `Classifier.forward`: the
+scores, drop probabilities, masks and rescaling) and `code/main.py` `train` (L77-178: the warm-up
+and the loss on the kept samples), with `code/scripts/train_opm.sh` for the settings. The mechanics
+below are theirs unless a difference is listed.
+
+Each training step, from the head's per-modality logits on the undropped features (for concat
+fusion, modality m's slice of the weight plus bias / M): S_m = sum over the batch of
+softmax(s_m)[y], rho_m = S_m / S_other. A modality ahead of the others (rho_m > 1) has its features
+dropped, sample by sample, with probability
     q_m = clip(q_base * (1 + lambda * tanh(rho_m - 1)), 0, 1)        (q_m = 0 when rho_m <= 1),
 the drop being carried out in a step with probability p_exe. Kept features are divided by
-(1 - theta), theta = sum_m D_m q_m / sum_m D_m, to keep their expected scale; a sample whose
-modalities were all dropped leaves the loss. No dropping during the first epochs (warm-up).
-Defaults follow the authors' released settings: q_base 0.5, lambda 0.5, p_exe 0.7, drop from
-0-based epoch 6 on.
+(1 - theta), theta = sum_m D_m q_m / sum_m D_m; a sample whose modalities were all dropped leaves
+the loss. No dropping during the warm-up (their `epoch <= 5`: from 0-based epoch 6 on). Defaults
+are their script's: q_base 0.5, lambda 0.5, p_exe 0.7.
+
+Remaining differences:
+  - The random draws (whether a step drops, then one mask per modality) come from torch's global
+    generator in that order; theirs from numpy (the step) and a Bernoulli sample (the masks): the
+    same distributions, not the same numbers.
+  - When every sample of a batch lost all its modalities, they skip the optimiser step; here the
+    step runs with a zero loss (weight decay and momentum still act), which keeps processes in step
+    under DistributedDataParallel. With q below 1 and batches of 64 this practically never happens.
+  - Three or more modalities (their code has two): rho_m compares S_m with the mean S of the others.
+  - Evaluation protocol (ours for every method): the model is selected on val; the optimiser and
+    schedule are the run's (theirs: AdamW).
 """
 from __future__ import annotations
 

@@ -44,9 +44,27 @@ def encoder_options(args: argparse.Namespace) -> Dict[str, dict]:
     return {name: e.options(args) for name, e in sorted(ENCODERS.items()) if e.options is not None}
 
 
+RESNET_INITS = ("torchvision", "official")
+
+
+def official_resnet_init(net: nn.Module) -> None:
+    """The initialisation of the official D&R backbone (GeWu-Lab/Diagnosing_Relearning_ECCV2024,
+    code/models/backbone.py, ResNet.__init__): every convolution kaiming-normal (fan_out, relu),
+    every BatchNorm weight drawn from N(1, 0.02) and its bias 0, no zero-initialised last
+    BatchNorm. torchvision differs only in the BatchNorm weights (constant 1). It matters for D&R,
+    whose re-initialisation pulls the weights back toward these starting values."""
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.normal_(module.weight, 1.0, 0.02)
+            nn.init.zeros_(module.bias)
+
+
 class ResNet18Encoder(nn.Module):
     """torchvision's ResNet-18 (randomly initialised, as the authors train from scratch) with the
-    classifier removed: a 512-d globally pooled feature.
+    classifier removed: a 512-d globally pooled feature. `init` "torchvision" keeps torchvision's
+    initialisation, "official" applies the official D&R backbone's (`official_resnet_init`).
 
     kind "spectrogram": input (B, C, F, T), C = 1 for audio (the first convolution takes C channels).
     kind "frames":      input (B, T, C, H, W); frames are folded into the batch and their pooled
@@ -56,13 +74,17 @@ class ResNet18Encoder(nn.Module):
     out_dim = 512
     memory_format = torch.contiguous_format  # the trainer sets channels_last with --channels_last
 
-    def __init__(self, in_channels: int, frames: bool):
+    def __init__(self, in_channels: int, frames: bool, init: str = "torchvision"):
         super().__init__()
+        if init not in RESNET_INITS:
+            raise ValueError(f"--init must be one of {RESNET_INITS}, got {init!r}")
         net = resnet18(weights=None)
         if in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
             nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         net.fc = nn.Identity()
+        if init == "official":
+            official_resnet_init(net)
         self.net = net
         self.frames = frames
 
@@ -75,16 +97,24 @@ class ResNet18Encoder(nn.Module):
         return feats.view(b, t, -1).mean(1)  # (B*T, 512) -> (B, T, 512) -> (B, 512)
 
 
-@register_encoder("resnet18")
-def _resnet18(spec: ModalitySpec) -> nn.Module:
+def _resnet18_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--init", choices=RESNET_INITS, default="torchvision",
+                       help="ResNet-18 initialisation: 'torchvision' (BatchNorm weights 1) or 'official', the "
+                            "official D&R backbone's (convolutions kaiming-normal fan_out, BatchNorm weights "
+                            "from N(1, 0.02), biases 0), used by the CREMA-D reproduction settings "
+                            "(default: %(default)s)")
+
+
+@register_encoder("resnet18", add_args=_resnet18_args, options=lambda args: {"init": args.init})
+def _resnet18(spec: ModalitySpec, init: str = "torchvision") -> nn.Module:
     if spec.kind == "spectrogram":
         if len(spec.shape) != 3:
             raise ValueError(f"modality {spec.name!r}: a spectrogram must be (C, F, T), got {spec.shape}")
-        return ResNet18Encoder(spec.shape[0], frames=False)
+        return ResNet18Encoder(spec.shape[0], frames=False, init=init)
     if spec.kind == "frames":
         if len(spec.shape) != 4:
             raise ValueError(f"modality {spec.name!r}: frames must be (T, C, H, W), got {spec.shape}")
-        return ResNet18Encoder(spec.shape[1], frames=True)
+        return ResNet18Encoder(spec.shape[1], frames=True, init=init)
     raise ValueError(f"encoder resnet18 takes spectrogram or frames, not {spec.kind!r} ({spec.name!r})")
 
 
