@@ -27,9 +27,12 @@ class FolderBusy(FileExistsError):
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, name: str, busy: str, error: type = FolderBusy) -> Iterator[None]:
+def folder_lock(folder: Path, name: str, busy: str, error: type = FolderBusy,
+                record_pid: bool = True) -> Iterator[None]:
     """Hold `folder/name` exclusively for the `with` block. When another process holds it, raise
-    `error` with `busy` formatted with {folder} and {pid} (the holder's process id)."""
+    `error` with `busy` formatted with {folder} and {pid} (the holder's process id, written into
+    the lock file when `record_pid`; a folder that must stay byte-for-byte unchanged by a second
+    run, as prepare.py's, does without)."""
     folder = Path(folder)
     with open(folder / name, "a+") as lock:
         if fcntl is not None:
@@ -39,10 +42,11 @@ def folder_lock(folder: Path, name: str, busy: str, error: type = FolderBusy) ->
                 lock.seek(0)
                 pid = lock.read().strip() or "unknown"
                 raise error(busy.format(folder=folder, pid=pid)) from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
+        if record_pid:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(str(os.getpid()))
+            lock.flush()
         yield
 
 

@@ -462,8 +462,8 @@ def run(prep: Preparer, args: argparse.Namespace) -> int:
 
 def _exclusive(folder: Path):
     """Hold the folder's preparation lock (one writer at a time); refuse when another run holds it."""
-    return folder_lock(folder, LOCK, "another preparation (process {pid}) is writing into {folder}; wait for it "
-                                     "to finish", error=UsageError)
+    return folder_lock(folder, LOCK, "another preparation is writing into {folder}; wait for it to finish",
+                       error=UsageError, record_pid=False)
 
 
 def _run_locked(prep, args, root: Path, out: Path, params: dict, collected: Collected) -> int:
