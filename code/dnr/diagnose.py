@@ -61,6 +61,7 @@ __all__ = [
     "Relearner",
     "KMEANS_BACKENDS",
     "check_repeats",
+    "FeatureFn",
 ]
 
 KMEANS_BACKENDS = ("torch", "sklearn")
@@ -404,14 +405,14 @@ class Diagnosis:
                 d.pop(key)
         return d
 
-    def summary(self) -> str:
+    def summary(self, what: str = "diagnosis") -> str:
         """A few lines for a log: purity per modality and split, gap and strength (± std over the
-        k-means seeds when there are several)."""
+        k-means seeds when there are several); `what` names the record in the first line."""
         def pm(value: float, std: Optional[float]) -> str:
             return f"{value:.3f}" if std is None else f"{value:.3f}±{std:.3f}"
 
         seeds = f", mean of {self.repeats} k-means seeds" if self.repeats > 1 else ""
-        rows = [f"  diagnosis after epoch {self.epoch} ({'applied' if self.applied else 'recorded only'}, "
+        rows = [f"  {what} after epoch {self.epoch} ({'applied' if self.applied else 'recorded only'}, "
                 f"{self.seconds:.1f}s{seeds}):"]
         for m, p in self.purity.items():
             s = (self.purity_std or {}).get(m, {})
