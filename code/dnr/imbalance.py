@@ -211,7 +211,7 @@ class ModelDiagnosis:
 
 
 def diagnose_model(model: nn.Module, loaders: Mapping[str, object], num_classes: int, *, device=None,
-                   repeats: int = 5, lam: float = 3.0, seed: int = 0, n_init: int = 10, backend: str = "torch",
+                   repeats: int = 10, lam: float = 3.0, seed: int = 0, n_init: int = 10, backend: str = "torch",
                    strength=None, probe: bool = True, device_transform=None, amp=None) -> ModelDiagnosis:
     """Diagnose a trained multimodal model: D&R's purity diagnosis and the imbalance measures.
 
@@ -221,6 +221,9 @@ def diagnose_model(model: nn.Module, loaders: Mapping[str, object], num_classes:
     model's forward takes the inputs dict and returns `.logits` and `.features` (ModelOutput).
     Purity: mean ± std over `repeats` k-means seeds (seed, seed + 1, ...) on each split; the
     strengths tanh(lam |train - val|) from the mean purities (or `strength`, a Relearner rule).
+    10 seeds by default: on the built-in dataset that cuts the strength's seed-to-seed std about
+    threefold for the dominant modality, for a cost small beside the feature extraction (README,
+    "How sure is a diagnosis").
     Shapley: each modality's contribution to the fused accuracy, absent inputs zeroed. Probe:
     logistic regression fitted on train features. The model is left in the mode it came in."""
     for split in ("train", "val"):
