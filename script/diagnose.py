@@ -111,7 +111,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "'epoch N' (epoch_NNN.pth, kept by training with --keep_every) (default: best)")
     p.add_argument("--repeats", type=int, default=10,
                    help="k-means seeds per purity, from the run's --kmeans_seed; 10 makes the strength "
-                        "about three times steadier than one seed (README, 'How sure is a diagnosis') "
+                        "two to three times steadier than one seed (README, 'How sure is a diagnosis') "
                         "(default: %(default)s)")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for diagnosis.json and diagnosis.png (default: RUN_DIR/diagnosis_<checkpoint>)")
