@@ -210,3 +210,23 @@ def test_tsne_and_the_figure(signal_and_noise, tmp_path):
     plot_model_diagnosis(rep, tmp_path / "d.png", tsne_samples=30, class_names=list("wxyz"), title="tiny")
     assert (tmp_path / "d.png").stat().st_size > 20_000
     assert math.isfinite(rep.diagnosis.alpha_std["signal"])
+
+
+# ---------------------------------------------------------------- the README's example
+def test_readme_diagnose_your_own_model_runs_as_it_stands(root, tmp_path, monkeypatch, capsys):
+    import json
+    import re
+
+    section = (root / "README.md").read_text().split("### Diagnose your own model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "README.md (Diagnose your own model)", "exec"), {"__name__": "readme"})
+    d = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert (tmp_path / "diagnosis.png").stat().st_size > 20_000
+    assert d["kmeans"]["repeats"] == 10 and d["modalities"] == ["audio", "video"]
+    assert sum(d["shapley"].values()) == pytest.approx(d["subset_acc"]["audio+video"] - d["subset_acc"]["none"])
+    # the example's data: only the audio carries the class (4 classes, chance 0.25)
+    assert d["probe_acc"]["audio"] > 0.55 and d["probe_acc"]["video"] < 0.45
+    assert d["purity"]["audio"]["train"] > d["purity"]["video"]["train"] + 0.1
+    assert "audio: purity train" in capsys.readouterr().out
