@@ -37,8 +37,9 @@ from dnr import checkpoint as ckpt_io
 from dnr import distributed as dist
 from dnr.data import DATASETS, build_datasets
 from dnr.engine import AMP_DTYPES, FeatureSource, evaluate, extract_features, forward_pass, metrics_of, train_one_epoch
+from dnr.imbalance import modality_shapley, run_cost
 from dnr.logger import RunLogger, write_json
-from dnr.methods import METHODS, TrainContext, add_diagnosis_args, create_method
+from dnr.methods import METHODS, TrainContext, add_diagnosis_args, create_method, make_tracker
 from dnr.metrics import linear_probe_accuracy
 from dnr.models import ENCODERS, FUSIONS, encoder_options
 from dnr.models.pretrained import describe_weights, load_encoder_weights, parse_weights
@@ -161,6 +162,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="when to write last.pth (about 270 MB for two ResNet-18s: model, optimiser, the D&R "
                         "snapshot): every_epoch lets --resume continue a cut run; end and never save disk, "
                         "but a cut run then starts again")
+    g.add_argument("--keep_every", type=int, default=0,
+                   help="also keep the model alone after every 0-based epoch e with e %% N == 0 as "
+                        "epoch_XXX.pth (the weights that epoch evaluated, before any re-initialisation; "
+                        "script/diagnose.py --checkpoint epoch N reads them); each file is the size of "
+                        "best.pth (about 90 MB for two ResNet-18s); 0 keeps none")
 
     g = p.add_argument_group("speed (all off by default; launch with torchrun for several processes)")
     g.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
@@ -188,6 +194,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         (0 < args.lr_decay_ratio <= 1, f"--lr_decay_ratio must lie in (0, 1], got {args.lr_decay_ratio}"),
         (args.grad_clip >= 0, f"--grad_clip must be >= 0 (0 disables), got {args.grad_clip}"),
         (args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}"),
+        (args.keep_every >= 0, f"--keep_every must be >= 0 (0 keeps none), got {args.keep_every}"),
         (not (args.amp == "fp16" and args.device == "cpu"),
          "--amp fp16 needs CUDA; on the CPU use --amp bf16"),
     ]
@@ -371,6 +378,7 @@ def train(args: argparse.Namespace, out: Path, d, device, saved) -> dict:
                                                                   splits.train.info.modality_names)
     net, model = place_model(args, net, device, d)
     method = create_method(args.method, args, net, info)  # D&R snapshots theta_init here (after the weights)
+    tracker = make_tracker(args, info)  # --track_purity_every: purity curves, recorded only
     optimizer, scheduler = build_optimizer(args, net)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     selection = Selection(args.select_on)
@@ -424,16 +432,23 @@ def train(args: argparse.Namespace, out: Path, d, device, saved) -> dict:
         # Model selection comes before any re-initialisation at this epoch's end: best.pth holds
         # the weights that produced these numbers.
         is_best = selection.update(epoch, val, test)
+        model_only = dict(model=net.state_dict(), epoch=epoch, model_args=model_args, info=info.to_dict(),
+                          args=vars(args), val=val, test=test,
+                          encoder_weights_loaded=run_vars["encoder_weights_loaded"])
         if is_best and main_proc:
-            ckpt_io.save_atomic(dict(model=net.state_dict(), epoch=epoch, model_args=model_args, info=info.to_dict(),
-                                     args=vars(args), val=val, test=test,
-                                     encoder_weights_loaded=run_vars["encoder_weights_loaded"]), out / "best.pth")
+            ckpt_io.save_atomic(model_only, out / "best.pth")
+        if args.keep_every and epoch % args.keep_every == 0 and main_proc:
+            ckpt_io.save_atomic(model_only, out / ckpt_io.epoch_file(epoch))
+        # Tracked before the method's end of epoch: the weights this epoch evaluated, not re-initialised ones.
+        tracked = tracker and tracker.step(epoch, features.remembering, compute=main_proc, share=dist.broadcast_object)
         extra = method.on_epoch_end(epoch, ctx)
         features.clear()  # the weights may change from here on
         diagnosis = extra.pop("diagnosis", None)
         record = {"epoch": epoch, "train": train_stats, "val": val, "test": test, **extra}
         if diagnosis is not None:
             record["diagnosis"] = diagnosis.to_dict()
+        if tracked:
+            record["tracked_purity"] = tracked.to_dict()
         record["seconds"] = time.perf_counter() - t0
         run_vars["seconds"] += record["seconds"]
         logger.log_epoch(record)
@@ -446,6 +461,8 @@ def train(args: argparse.Namespace, out: Path, d, device, saved) -> dict:
             say(epoch_line(record, args.epochs, info.modality_names, is_best))
             if diagnosis is not None:
                 say(diagnosis.summary())
+            if tracked:
+                say(tracked.summary("tracked purity"))
         dist.barrier()  # a resumed run must find this epoch's checkpoint complete on every process
     logger.close()
 
@@ -523,10 +540,13 @@ def finalize(args, out, model, net, splits, evals, device, selection, method, mo
     info = splits.info
     best_val, best_test = selection.best_val, selection.best_test
     probe = {}
+    # Everything below measures the selected epoch's weights, after training: nothing it does can
+    # change the numbers recorded above.
+    dist.barrier()  # best.pth is written by the first process
+    net.load_state_dict(ckpt_io.load(out / "best.pth", map_location=device)["model"])
+    shapley, subsets = modality_shapley(model, evals["test"], device, info.modality_names, amp=amp,
+                                        device_transform=splits.device_transform)
     if args.probe:
-        dist.barrier()  # best.pth is written by the first process
-        best = ckpt_io.load(out / "best.pth", map_location=device)
-        net.load_state_dict(best["model"])
         train_f, train_y = extract_features(model, evals["train"], device, amp=amp,
                                             device_transform=splits.device_transform)
         test_f, test_y = extract_features(model, evals["test"], device, amp=amp,
@@ -534,6 +554,10 @@ def finalize(args, out, model, net, splits, evals, device, selection, method, mo
         if dist.is_main_process():
             probe = {m: linear_probe_accuracy(train_f[m], train_y, test_f[m], test_y, seed=args.random_seed)
                      for m in info.modality_names}
+    records, cost = [], {}
+    if dist.is_main_process():
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        cost = run_cost(net, evals["test"], device, records, splits.device_transform)
     head = {m: best_test[f"acc_{m}"] for m in info.modality_names if f"acc_{m}" in best_test}
     if len(head) == len(info.modality_names):
         unimodal, source = head, "head"
@@ -558,6 +582,10 @@ def finalize(args, out, model, net, splits, evals, device, selection, method, mo
         "unimodal_val_acc": {m: best_val[f"acc_{m}"] for m in info.modality_names if f"acc_{m}" in best_val},
         "probe_test_acc": probe,
         "diagnoses": method.diagnoses(),
+        "tracked_purity": [r["tracked_purity"] for r in records if "tracked_purity" in r],
+        "shapley_test_acc": shapley,
+        "subset_test_acc": subsets,
+        "cost": cost,
         "model_args": model_args,
         "device": str(device),
         "world_size": dist.info().world_size,

@@ -10,9 +10,12 @@ from sklearn.preprocessing import MinMaxScaler
 from torch import nn
 
 from dnr.diagnose import (
+    Diagnosis,
+    PurityEstimate,
     Relearner,
     TanhGap,
     gap_strengths,
+    diagnose_features,
     diagnose_purity,
     kmeans,
     minmax_scale,
@@ -144,6 +147,68 @@ def test_diagnose_purity_scales_each_dimension_first():
     x = torch.stack([y.float() * 1e-3, torch.rand(100, generator=g) * 400.0], 1)
     assert purity_score(y, kmeans(x, 2)) < 0.7
     assert diagnose_purity(x, y, 2) == 1.0
+
+
+def test_diagnose_purity_repeats_are_seeds_seed_to_seed_plus_r():
+    """R repeats = the single-seed purities of seeds s .. s+R-1 on the same features; their mean
+    (returned as a float) and sample std (spread=True). R = 1 is the published single k-means."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(120, 6, generator=g)  # unstructured: the k-means optimum depends on the seed
+    y = torch.randint(0, 4, (120,), generator=g)
+    singles = [diagnose_purity(x, y, 4, seed=7 + r, n_init=1) for r in range(5)]
+    assert len(set(singles)) > 1  # the seed matters here, so the test below can fail
+    est = diagnose_purity(x, y, 4, seed=7, n_init=1, repeats=5, spread=True)
+    assert isinstance(est, PurityEstimate) and est.values == tuple(singles)
+    assert est.mean == pytest.approx(np.mean(singles)) and est.std == pytest.approx(np.std(singles, ddof=1))
+    assert diagnose_purity(x, y, 4, seed=7, n_init=1, repeats=5) == pytest.approx(est.mean)
+    assert diagnose_purity(x, y, 4, seed=7, n_init=1) == singles[0]  # R = 1: as before
+    assert diagnose_purity(x, y, 4, seed=7, n_init=1, spread=True).std == 0.0
+    assert diagnose_purity(x, y, 4, seed=7, n_init=1, backend="sklearn", repeats=2, spread=True).values == tuple(
+        diagnose_purity(x, y, 4, seed=7 + r, n_init=1, backend="sklearn") for r in range(2))
+    with pytest.raises(ValueError, match="--diagnosis_repeats"):
+        diagnose_purity(x, y, 4, repeats=0)
+
+
+def test_diagnose_features_repeats_use_the_mean_purity_and_record_stds():
+    g = torch.Generator().manual_seed(0)
+    y_tr, y_va = torch.arange(3).repeat_interleave(30), torch.arange(3).repeat_interleave(15)
+    train = ({"memo": y_tr[:, None] * 4.0 + 0.3 * torch.randn(90, 5, generator=g),  # separates train only
+              "none": torch.randn(90, 5, generator=g)}, y_tr)  # no label information anywhere
+    val = ({"memo": torch.randn(45, 5, generator=g), "none": torch.randn(45, 5, generator=g)}, y_va)
+    d = diagnose_features(train, val, 3, n_init=1, repeats=4, lam=3.0, epoch=2)
+    est = {m: {s: diagnose_purity(f[0][m], f[1], 3, n_init=1, repeats=4, spread=True)
+               for s, f in (("train", train), ("val", val))} for m in ("memo", "none")}
+    for m in ("memo", "none"):
+        assert d.purity[m] == {s: pytest.approx(e.mean) for s, e in est[m].items()}
+        assert d.purity_std[m] == {s: pytest.approx(e.std) for s, e in est[m].items()}
+        assert d.alpha[m] == pytest.approx(relearn_strength(d.purity[m]["train"], d.purity[m]["val"], 3.0))
+        per_seed = [relearn_strength(a, b, 3.0) for a, b in zip(est[m]["train"].values, est[m]["val"].values)]
+        assert d.alpha_std[m] == pytest.approx(np.std(per_seed, ddof=1))
+    # known answers: memorised train split -> purity 1 vs near chance (1/3) on val; no information -> chance on both
+    assert d.purity["memo"]["train"] == 1.0 and d.purity["memo"]["val"] < 0.6 and d.alpha["memo"] > 0.8
+    assert max(d.purity["none"].values()) < 0.6 and d.gap["none"] < 0.2
+    rec = d.to_dict()
+    assert rec["repeats"] == 4 and set(rec["purity_std"]) == {"memo", "none"} and Diagnosis(**rec) == d
+    assert "±" in d.summary() and "mean of 4 k-means seeds" in d.summary()
+    one = diagnose_features(train, val, 3, n_init=1)
+    assert one.purity_std is None and one.alpha_std is None
+    assert set(one.to_dict()) == {"epoch", "purity", "gap", "alpha", "applied", "seconds"}  # as published
+    assert "±" not in one.summary()
+
+
+def test_relearner_repeats_is_keyword_only_and_checked():
+    enc = {"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)}
+    positional = Relearner(enc, 2, 3.0, 1, 1)  # (encoders, n_clusters, lam, reinit_epoch, reinit_num) as before
+    assert positional.repeats == 1 and positional.reinit_epoch == 1
+    r = Relearner(enc, n_clusters=2, reinit_epoch=1, n_init=1, repeats=3, apply=False)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(2).repeat_interleave(10)
+    feats = {m: torch.randn(20, 3, generator=g) for m in enc}
+    d = r.step(1, lambda split: (feats, y))
+    assert d.repeats == 3 and set(d.purity_std) == {"a", "b"}
+    assert d.purity == diagnose_features((feats, y), (feats, y), 2, n_init=1, repeats=3).purity
+    with pytest.raises(ValueError, match="--diagnosis_repeats"):
+        Relearner(enc, n_clusters=2, repeats=0)
 
 
 # ---------------------------------------------------------------- strength

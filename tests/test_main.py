@@ -120,6 +120,8 @@ def test_every_method_runs_with_three_modalities(method, tmp_path):
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["unimodal_test_acc"]) == {"audio", "visual", "sensor"}
+    assert set(res["shapley_test_acc"]) == {"audio", "visual", "sensor"} and len(res["subset_test_acc"]) == 8
+    assert res["subset_test_acc"]["audio+visual+sensor"] == pytest.approx(res["test"]["acc"])
     log = read_log(out)[0]["train"]
     prefix = {"ogm": "ogm_coeff_", "ogm_ge": "ogm_coeff_", "agm": "agm_coeff_", "pmr": "pmr_ratio_",
               "mmpareto": "mmpareto_cos_", "opm": "opm_q_"}.get(method)
@@ -170,7 +172,7 @@ def test_select_on_test_and_no_augmentation_switches(tmp_path):
 
 def _results_without_timing(path):
     res = json.loads(path.read_text())
-    for key in ("seconds", "device", "versions"):
+    for key in ("seconds", "device", "versions", "cost"):  # cost: seconds per epoch, peak memory
         res.pop(key)
     for d in res["diagnoses"]:
         d.pop("seconds")
@@ -219,6 +221,69 @@ def test_resume_after_sigkill_or_sigterm_matches_uninterrupted_run(tmp_path):
         assert [r["val"] for r in read_log(cut)] == [r["val"] for r in read_log(full)]
 
 
+def _epoch_metrics(out):
+    return [(r["train"]["loss"], r["val"], r["test"]) for r in read_log(out)]
+
+
+def test_track_purity_every_and_keep_every_record_without_changing_training(tmp_path):
+    """--track_purity_every records purity curves, --keep_every model-only checkpoints; neither
+    changes a number of the training; the run's results hold Shapley contributions and cost."""
+    common = ["--method", "baseline", "--epochs", "3", "--reinit_epoch", "0", "--deterministic", "--device", "cpu"]
+    rc, plain = run(common, tmp_path, "plain")
+    assert rc == 0
+    rc, out = run(common + ["--track_purity_every", "2", "--diagnosis_repeats", "2", "--keep_every", "2"],
+                  tmp_path, "tracked")
+    assert rc == 0
+    assert _epoch_metrics(out) == _epoch_metrics(plain)
+    res, res_plain = (json.loads((o / "results.json").read_text()) for o in (out, plain))
+    assert res["test"] == res_plain["test"] and res["probe_test_acc"] == res_plain["probe_test_acc"]
+    assert res_plain["tracked_purity"] == [] and res["diagnoses"] == []  # D&R's diagnoses: none asked for
+    log = read_log(out)
+    assert [r["epoch"] for r in log if "tracked_purity" in r] == [0, 2]
+    assert [t["epoch"] for t in res["tracked_purity"]] == [0, 2]
+    for t in res["tracked_purity"]:
+        assert t["repeats"] == 2 and not t["applied"] and set(t["purity_std"]) == {"audio", "visual"}
+        for m, p in t["purity"].items():
+            assert 0 < p["train"] <= 1 and t["alpha"][m] == pytest.approx(relearn_strength(p["train"], p["val"], 3.0))
+    # model-only checkpoints after epochs 0 and 2, the weights those epochs evaluated
+    assert sorted(f.name for f in out.glob("epoch_*.pth")) == ["epoch_000.pth", "epoch_002.pth"]
+    kept = torch.load(out / "epoch_002.pth", weights_only=True)
+    assert kept["epoch"] == 2 and "optimizer" not in kept and kept["test"] == log[2]["test"]
+    # imbalance measures at the selected epoch: Shapley contributions add up to acc(all) - acc(none)
+    subsets = res["subset_test_acc"]
+    assert list(subsets) == ["none", "audio", "visual", "audio+visual"]
+    assert subsets["audio+visual"] == pytest.approx(res["test"]["acc"])
+    assert sum(res["shapley_test_acc"].values()) == pytest.approx(subsets["audio+visual"] - subsets["none"])
+    cost = res["cost"]
+    assert cost["parameters"] == sum(v.numel() for k, v in kept["model"].items()
+                                     if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert cost["flops_per_sample"] > 1e6 and cost["peak_memory"]["kind"] == "cpu_peak_rss"
+    assert cost["seconds_per_epoch"] == pytest.approx(sum(r["seconds"] for r in log) / 3)
+    assert cost["train_seconds_per_epoch"] == pytest.approx(sum(r["train"]["seconds"] for r in log) / 3)
+
+
+def test_tracked_purity_beside_d_and_r(tmp_path, monkeypatch):
+    """Beside D&R, tracking leaves D&R's schedule alone, measures the weights D&R diagnoses (before
+    its re-initialisation) and shares that epoch's training features with it (one pass)."""
+    from dnr import engine
+
+    real_extract, passes = engine.extract_features, []
+
+    def extract(model, loader, device, **kw):
+        passes.append(kw.get("desc", ""))
+        return real_extract(model, loader, device, **kw)
+
+    monkeypatch.setattr(engine, "extract_features", extract)
+    rc, out = run(D_AND_R + ["--method", "relearn", "--track_purity_every", "1", "--no-probe"], tmp_path)
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [d["epoch"] for d in res["diagnoses"]] == [1]
+    assert [t["epoch"] for t in res["tracked_purity"]] == [0, 1, 2]
+    d, t = res["diagnoses"][0], res["tracked_purity"][1]
+    assert t["purity"] == d["purity"] and t["alpha"] == d["alpha"] and d["applied"] and not t["applied"]
+    assert passes == ["features train"] * 3  # epochs 0, 1 (shared with D&R), 2
+
+
 # ---------------------------------------------------------------- errors
 @pytest.mark.parametrize("argv, message", [
     (["--fusion", "bogus"], "--fusion: invalid choice: 'bogus'"),
@@ -226,6 +291,9 @@ def test_resume_after_sigkill_or_sigterm_matches_uninterrupted_run(tmp_path):
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--lr_decay_ratio", "2"], "--lr_decay_ratio must lie in (0, 1]"),
     (["--data_path", "/no/such/folder"], "--data_path '/no/such/folder' is not a folder"),
+    (["--diagnosis_repeats", "0"], "--diagnosis_repeats must be >= 1, got 0"),
+    (["--track_purity_every", "-1"], "--track_purity_every must be >= 0 (0 never), got -1"),
+    (["--keep_every", "-2"], "--keep_every must be >= 0 (0 keeps none), got -2"),
 ])
 def test_bad_flags_exit_with_a_message_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -8,7 +8,7 @@ import pytest
 from dnr.report import find_results, markdown, mean_std, pm, summarize
 
 
-def fake_run(folder, method, seed, acc, modalities=("audio", "visual")):
+def fake_run(folder, method, seed, acc, modalities=("audio", "visual"), extra=None):
     folder.mkdir(parents=True)
     res = {
         "method": method, "dataset": "builtin", "seed": seed, "fusion": "concat",
@@ -20,6 +20,7 @@ def fake_run(folder, method, seed, acc, modalities=("audio", "visual")):
         "diagnoses": [{"epoch": 1, "applied": True, "purity": {m: {"train": 0.9, "val": 0.6} for m in modalities},
                        "gap": {m: 0.3 for m in modalities}, "alpha": {m: 0.7 for m in modalities}}],
     }
+    res.update(extra or {})
     (folder / "results.json").write_text(json.dumps(res))
 
 
@@ -45,6 +46,25 @@ def test_summary_groups_seeds_and_keeps_unimodal_runs_apart(tmp_path):
     text = markdown(rows)
     assert "| builtin | relearn | audio+visual | 3 | 80.00 ± 10.00 |" in text
     assert "| relearn | audio+visual | 1 | yes | 0.900 ± 0.000 | 0.600 ± 0.000 | 0.700 ± 0.000 |" in text
+
+
+def test_table_shows_shapley_and_cost_and_old_runs_get_dashes(tmp_path):
+    for s, (phi, secs) in enumerate([(0.30, 4.0), (0.10, 6.0)]):
+        fake_run(tmp_path / f"b{s}", "baseline", s, 0.8, extra={
+            "shapley_test_acc": {"audio": phi, "visual": 0.2},
+            "cost": {"parameters": 22_000_000, "flops_per_sample": 2.0e8, "seconds_per_epoch": secs,
+                     "train_seconds_per_epoch": secs / 2,
+                     "peak_memory": {"mb": 1000.0 + s * 100, "kind": "cpu_peak_rss"}}})
+    fake_run(tmp_path / "old", "relearn", 0, 0.7)  # made before Shapley and cost were recorded
+    rows = summarize(find_results([tmp_path])[0])
+    assert rows[0]["shapley"]["audio"] == "20.00 ± 14.14" and rows[1]["shapley"]["audio"] == "-"
+    text = markdown(rows)
+    header = text.splitlines()[0]
+    assert header.endswith("| s / run | audio Shapley (pts) | visual Shapley (pts) |")
+    assert "| 20.00 ± 14.14 | 20.00 ± 0.00 |" in text and text.splitlines()[3].endswith("| - | - |")
+    assert "| baseline | audio+visual | 22.00 | 0.200 | 5.0 | 2.5 | 1050 |" in text
+    assert "CPU: peak resident set size of the whole process" in text
+    assert "| relearn | audio+visual | -" not in text.split("Cost (mean")[1].split("Diagnoses")[0]  # no cost row
 
 
 def test_summary_refuses_two_runs_with_one_seed(tmp_path):

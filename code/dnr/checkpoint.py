@@ -111,6 +111,11 @@ def find_checkpoint(arg: Optional[str], out: Path, name: str) -> Optional[Path]:
     return path / name if path.is_dir() else path
 
 
+def epoch_file(epoch: int) -> str:
+    """The name of the model-only checkpoint --keep_every writes after 0-based `epoch`."""
+    return f"epoch_{int(epoch):03d}.pth"
+
+
 TRAINING_KEYS = ("epoch", "model", "optimizer", "scheduler", "method", "selection", "rng", "args", "info",
                  "model_args")
 

@@ -94,9 +94,34 @@ def read_curves(folder: Path) -> Dict[str, List[float]]:
     return curves
 
 
+def read_purity(folder: Path) -> Dict[str, Dict[int, float]]:
+    """Purity per epoch from a run's log.jsonl: {"<modality>/<split>": {epoch: purity}}, from
+    --track_purity_every's records, or, for runs without them, from the diagnoses (D&R's, or
+    --track_purity's), which are fewer points."""
+    tracked: Dict[str, Dict[int, float]] = {}
+    diagnosed: Dict[str, Dict[int, float]] = {}
+    for line in (folder / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        for key, into in (("tracked_purity", tracked), ("diagnosis", diagnosed)):
+            for m, p in rec.get(key, {}).get("purity", {}).items():
+                for split, value in p.items():
+                    into.setdefault(f"{m}/{split}", {})[rec["epoch"]] = value
+    return tracked or diagnosed
+
+
+def _mean_band(series: List[Dict[int, float]]):
+    """Epochs present in every seed's series, and the mean and std over the seeds there."""
+    import numpy as np
+
+    epochs = sorted(set.intersection(*(set(s) for s in series)))
+    arr = np.array([[s[e] for e in epochs] for s in series])
+    return np.array(epochs), arr.mean(0), arr.std(0)
+
+
 def plot(runs: List[dict], path: Path) -> None:
-    """test accuracy per epoch (mean over seeds with a +/- std band), one line per method; one panel
-    for the fused prediction and one per modality (head-slice accuracy)."""
+    """Test accuracy per epoch (mean over seeds with a +/- std band), one line per method; one panel
+    for the fused prediction and one per modality (head-slice accuracy). Below each modality's
+    accuracy, when runs recorded it: its purity per epoch (train solid, val dashed), per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,13 +129,18 @@ def plot(runs: List[dict], path: Path) -> None:
     import numpy as np
 
     groups: Dict[str, List[Dict[str, List[float]]]] = {}
+    purity: Dict[str, List[Dict[str, Dict[int, float]]]] = {}
     modalities: List[str] = []
     for r in runs:
         label = r["method"] + ("" if len(r["modalities"]) > 1 else f" ({r['modalities'][0]} only)")
         groups.setdefault(label, []).append(read_curves(Path(r["_path"])))
+        purity.setdefault(label, []).append(read_purity(Path(r["_path"])))
         modalities += [m for m in r["modalities"] if m not in modalities]
+    colours = {label: f"C{i % 10}" for i, label in enumerate(sorted(groups))}  # one colour per method in every panel
     panels = ["acc"] + [f"acc_{m}" for m in modalities]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    with_purity = any(p for ps in purity.values() for p in ps)
+    rows = 2 if with_purity else 1
+    fig, axes = plt.subplots(rows, len(panels), figsize=(5 * len(panels), 4 * rows), squeeze=False)
     for ax, key in zip(axes[0], panels):
         for label, curves in sorted(groups.items()):
             series = [c[key] for c in curves if key in c]
@@ -119,13 +149,34 @@ def plot(runs: List[dict], path: Path) -> None:
             n = min(len(s) for s in series)
             arr = np.array([s[:n] for s in series]) * 100
             mean, std = arr.mean(0), arr.std(0)
-            line, = ax.plot(np.arange(n), mean, label=label)
-            ax.fill_between(np.arange(n), mean - std, mean + std, alpha=0.2, color=line.get_color())
+            ax.plot(np.arange(n), mean, label=label, color=colours[label])
+            ax.fill_between(np.arange(n), mean - std, mean + std, alpha=0.2, color=colours[label])
         ax.set_title("test accuracy (fused)" if key == "acc" else f"test accuracy, {key[4:]} (head slice)")
         ax.set_xlabel("epoch")
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    if with_purity:
+        axes[1][0].axis("off")
+        axes[1][0].text(0.0, 0.5, "below each modality's accuracy:\nthe k-means purity of its encoder's\nfeatures "
+                        "(mean over seeds),\ntrain solid, val dashed;\nfrom --track_purity_every, else the\n"
+                        "diagnoses (D&R's or --track_purity's)", fontsize=9, va="center")
+        for ax, m in zip(axes[1][1:], modalities):
+            if not any(f"{m}/train" in p for ps in purity.values() for p in ps):
+                ax.text(0.5, 0.5, "no purity recorded", ha="center", va="center", transform=ax.transAxes)
+            for label, per_seed in sorted(purity.items()):
+                for split, style in (("train", "-"), ("val", "--")):
+                    series = [p[f"{m}/{split}"] for p in per_seed if f"{m}/{split}" in p]
+                    if len(series) != len(per_seed) or not series:
+                        continue
+                    epochs, mean, std = _mean_band(series)
+                    ax.plot(epochs, mean, style, marker=".", color=colours[label],
+                            label=label if split == "train" else None)
+                    ax.fill_between(epochs, mean - std, mean + std, alpha=0.12, color=colours[label])
+            ax.set_title(f"purity, {m} (train solid, val dashed)")
+            ax.set_xlabel("epoch")
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -4,7 +4,12 @@ Pure functions:
     purity_score(labels, clusters)                 majority-label purity of a clustering
     minmax_scale(x)                                per-dimension scaling to [-1, 1]
     kmeans(x, k, n_init=10, max_iter=300, seed=0)  k-means++ and Lloyd in torch, on x's device
-    diagnose_purity(features, labels, n_clusters)  scale -> k-means -> purity
+    diagnose_purity(features, labels, n_clusters, repeats=1)  scale -> k-means -> purity (mean over
+                                                   `repeats` k-means seeds; spread=True: mean and std)
+    diagnose_features(train, val, n_clusters)      every modality's purities on both splits and the
+                                                   strengths from them: a `Diagnosis` (what the
+                                                   Relearner, the trainer's purity tracking and
+                                                   imbalance.diagnose_model all use)
     relearn_strength(purity_train, purity_val, lam) tanh(lam * |gap|)
     gap_strengths(purity, lam)                     that strength for every modality at once
     soft_reinit_(module, init_state, alpha)        theta <- alpha * theta_init + (1 - alpha) * theta
@@ -21,6 +26,11 @@ The method, in the paper's steps:
   3. re-learn: a_k = tanh(lambda * g_k), every encoder parameter of modality k becomes
      a_k * theta_init + (1 - a_k) * theta_now. Modalities are treated one by one; nothing is
      normalised across them.
+
+Our extension (not in the paper): `repeats` R > 1 runs the k-means with seeds seed, seed + 1, ...,
+seed + R - 1 and uses the MEAN purity of each split for the gap and the strength; the record also
+carries each purity's std over the seeds and the std of the strength (the rule applied to each
+seed's pair of purities). R = 1 (the default) is the published method: one k-means, seed `seed`.
 """
 from __future__ import annotations
 
@@ -38,6 +48,8 @@ __all__ = [
     "minmax_scale",
     "kmeans",
     "diagnose_purity",
+    "PurityEstimate",
+    "diagnose_features",
     "relearn_strength",
     "gap_strengths",
     "TanhGap",
@@ -48,6 +60,8 @@ __all__ = [
     "Diagnosis",
     "Relearner",
     "KMEANS_BACKENDS",
+    "check_repeats",
+    "FeatureFn",
 ]
 
 KMEANS_BACKENDS = ("torch", "sklearn")
@@ -230,6 +244,28 @@ def _kmeans_sklearn(x: Tensor, k: int, *, n_init, seed: int) -> Tensor:
     return torch.from_numpy(labels).long()
 
 
+@dataclass(frozen=True)
+class PurityEstimate:
+    """One purity measured with several k-means seeds: `values[r]` used seed `seed + r`."""
+
+    values: Tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation over the seeds (ddof 1); 0.0 for a single seed."""
+        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else 0.0
+
+
+def check_repeats(repeats: int) -> None:
+    """The one check of the number of k-means seeds (the trainer's --diagnosis_repeats)."""
+    if not (isinstance(repeats, (int, np.integer)) and repeats >= 1):
+        raise ValueError(f"repeats (--diagnosis_repeats) must be an integer >= 1, got {repeats!r}")
+
+
 def diagnose_purity(
     features: Tensor,
     labels,
@@ -238,12 +274,18 @@ def diagnose_purity(
     seed: int = 0,
     n_init: int = 10,
     backend: str = "torch",
-) -> float:
+    repeats: int = 1,
+    spread: bool = False,
+):
     """Purity of k-means clusters (k = `n_clusters`) of `features` (N, D) against `labels` (N,).
 
     Features are scaled per dimension to [-1, 1] on this matrix alone (paper, step 2), so the
-    train and val purities are each measured on their own scale.
+    train and val purities are each measured on their own scale. With `repeats` R the k-means runs
+    with seeds seed, ..., seed + R - 1 on the same scaled features. Returns the mean purity (a
+    float; for R = 1 the one purity, as published), or with `spread=True` a `PurityEstimate`
+    (every seed's purity, their mean and std).
     """
+    check_repeats(repeats)
     if backend not in KMEANS_BACKENDS:
         raise ValueError(f"unknown k-means backend {backend!r}; choose one of {KMEANS_BACKENDS}")
     if features.dim() != 2:
@@ -254,11 +296,15 @@ def diagnose_purity(
             f"features and labels differ in length: {features.shape[0]} vs {y.shape[0]}"
         )
     scaled = minmax_scale(features.detach().float())
-    if backend == "torch":
-        clusters = kmeans(scaled, n_clusters, n_init=n_init, seed=seed)
-    else:
-        clusters = _kmeans_sklearn(scaled, n_clusters, n_init=n_init, seed=seed)
-    return purity_score(y, clusters.cpu())
+    values = []
+    for r in range(repeats):
+        if backend == "torch":
+            clusters = kmeans(scaled, n_clusters, n_init=n_init, seed=seed + r)
+        else:
+            clusters = _kmeans_sklearn(scaled, n_clusters, n_init=n_init, seed=seed + r)
+        values.append(purity_score(y, clusters.cpu()))
+    estimate = PurityEstimate(tuple(values))
+    return estimate if spread else estimate.mean
 
 
 def check_lam(lam: float) -> None:
@@ -344,18 +390,93 @@ class Diagnosis:
     alpha: Dict[str, float]
     applied: bool = True
     seconds: float = 0.0
+    # With repeats R > 1 (our extension): purity and alpha above are from the mean purities over R
+    # k-means seeds; these are the stds over the seeds. None for R = 1 (nothing to measure a spread on).
+    repeats: int = 1
+    purity_std: Optional[Dict[str, Dict[str, float]]] = None  # modality -> {"train": s, "val": s}
+    alpha_std: Optional[Dict[str, float]] = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """A JSON-ready dict; with R = 1 exactly the keys of the published method's record (no
+        repeats, no stds), so such records read as they always did."""
+        d = asdict(self)
+        if self.repeats == 1:
+            for key in ("repeats", "purity_std", "alpha_std"):
+                d.pop(key)
+        return d
 
-    def summary(self) -> str:
-        """A few lines for a log: purity per modality and split, gap and strength."""
-        rows = [f"  diagnosis after epoch {self.epoch} ({'applied' if self.applied else 'recorded only'}, "
-                f"{self.seconds:.1f}s):"]
+    def summary(self, what: str = "diagnosis") -> str:
+        """A few lines for a log: purity per modality and split, gap and strength (± std over the
+        k-means seeds when there are several); `what` names the record in the first line."""
+        def pm(value: float, std: Optional[float]) -> str:
+            return f"{value:.3f}" if std is None else f"{value:.3f}±{std:.3f}"
+
+        seeds = f", mean of {self.repeats} k-means seeds" if self.repeats > 1 else ""
+        rows = [f"  {what} after epoch {self.epoch} ({'applied' if self.applied else 'recorded only'}, "
+                f"{self.seconds:.1f}s{seeds}):"]
         for m, p in self.purity.items():
-            rows.append(f"    {m:>10}: purity train {p['train']:.3f} val {p['val']:.3f}  "
-                        f"gap {self.gap[m]:.3f}  strength {self.alpha[m]:.3f}")
+            s = (self.purity_std or {}).get(m, {})
+            rows.append(f"    {m:>10}: purity train {pm(p['train'], s.get('train'))} val {pm(p['val'], s.get('val'))}  "
+                        f"gap {self.gap[m]:.3f}  strength {pm(self.alpha[m], (self.alpha_std or {}).get(m))}")
         return "\n".join(rows)
+
+
+def diagnose_features(
+    train: Tuple[Mapping[str, Tensor], Tensor],
+    val: Tuple[Mapping[str, Tensor], Tensor],
+    n_clusters: int,
+    *,
+    strength: Optional[Callable[[Purities], Dict[str, float]]] = None,
+    modalities: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    n_init: int = 10,
+    backend: str = "torch",
+    repeats: int = 1,
+    lam: float = 3.0,
+    epoch: int = -1,
+) -> Diagnosis:
+    """Diagnose every modality from its pooled features: `train` and `val` are ({modality: (N, D)},
+    labels (N,)). Purities per modality and split (`diagnose_purity`, mean over `repeats` seeds),
+    then the strengths from all of them at once (`strength`, default `TanhGap(lam)`, the paper's).
+    Changes nothing (applied=False).
+
+    With R > 1 the strengths come from the mean purities, and `alpha_std` is the std over the seeds
+    of the rule applied to seed r's train and val purities (so the rule is called R + 1 times)."""
+    start = time.perf_counter()
+    check_repeats(repeats)
+    rule = strength if strength is not None else TanhGap(lam)
+    modalities = list(train[0]) if modalities is None else list(modalities)
+    estimates: Dict[str, Dict[str, PurityEstimate]] = {}
+    for m in modalities:
+        per_split = {}
+        for split, (feats, labels) in (("train", train), ("val", val)):
+            if m not in feats:
+                raise KeyError(f"extract({split!r}) returned no features for modality {m!r} (got {sorted(feats)})")
+            per_split[split] = diagnose_purity(feats[m], labels, n_clusters, seed=seed, n_init=n_init,
+                                               backend=backend, repeats=repeats, spread=True)
+        estimates[m] = per_split
+    purity = {m: {s: e.mean for s, e in p.items()} for m, p in estimates.items()}
+    alpha = {m: float(a) for m, a in rule(purity).items()}
+    if set(alpha) != set(purity):
+        raise KeyError(f"the strength rule returned strengths for {sorted(alpha)}, expected "
+                       f"every modality {sorted(purity)}")
+    purity_std = alpha_std = None
+    if repeats > 1:
+        purity_std = {m: {s: e.std for s, e in p.items()} for m, p in estimates.items()}
+        per_seed = [rule({m: {s: e.values[r] for s, e in p.items()} for m, p in estimates.items()})
+                    for r in range(repeats)]
+        alpha_std = {m: float(np.std([float(a[m]) for a in per_seed], ddof=1)) for m in alpha}
+    return Diagnosis(
+        epoch=epoch,
+        purity=purity,
+        gap={m: abs(p["train"] - p["val"]) for m, p in purity.items()},
+        alpha=alpha,
+        applied=False,
+        seconds=time.perf_counter() - start,
+        repeats=repeats,
+        purity_std=purity_std,
+        alpha_std=alpha_std,
+    )
 
 
 def diagnosis_epochs(epochs: int, reinit_epoch: int, reinit_num: int) -> list:
@@ -392,7 +513,8 @@ class Relearner:
     and val purities at once (default `TanhGap(lam)`, the paper's), and `reinit(encoder,
     init_state, alpha, buffers=...)` moves one encoder in place (default `soft_reinit_`, every
     parameter). E.g. a strength relative to the other modalities, or a re-init of the last
-    stage only, is one function passed here.
+    stage only, is one function passed here. `repeats` (keyword only; default 1, the paper's):
+    the k-means seeds per purity, see `diagnose_features`.
     """
 
     encoders: Mapping[str, nn.Module]
@@ -410,6 +532,7 @@ class Relearner:
     init_states: Dict[str, Dict[str, Tensor]] = field(default_factory=dict)
     num_reinits: int = 0
     history: list = field(default_factory=list)
+    repeats: int = field(default=1, kw_only=True)  # keyword only: positional calls stay as they were
 
     def __post_init__(self):
         if not self.encoders:
@@ -420,6 +543,7 @@ class Relearner:
             raise ValueError(
                 f"unknown kmeans_backend {self.kmeans_backend!r}; choose one of {KMEANS_BACKENDS}"
             )
+        check_repeats(self.repeats)
         if self.strength is None:
             self.strength = TanhGap(self.lam)  # checks lam
         self.encoders = dict(self.encoders)
@@ -447,39 +571,11 @@ class Relearner:
         val: Tuple[Mapping[str, Tensor], Tensor],
         epoch: int = -1,
     ) -> Diagnosis:
-        """Purities of every modality on both splits, then the strengths from all of them.
-        Changes nothing."""
-        start = time.perf_counter()
-        purity = {}
-        for m in self.modalities:
-            per_split = {}
-            for split, (feats, labels) in (("train", train), ("val", val)):
-                if m not in feats:
-                    raise KeyError(
-                        f"extract({split!r}) returned no features for modality {m!r} "
-                        f"(got {sorted(feats)})"
-                    )
-                per_split[split] = diagnose_purity(
-                    feats[m],
-                    labels,
-                    self.n_clusters,
-                    seed=self.seed,
-                    n_init=self.n_init,
-                    backend=self.kmeans_backend,
-                )
-            purity[m] = per_split
-        alpha = {m: float(a) for m, a in self.strength(purity).items()}
-        if set(alpha) != set(purity):
-            raise KeyError(f"the strength rule returned strengths for {sorted(alpha)}, expected "
-                           f"every modality {sorted(purity)}")
-        return Diagnosis(
-            epoch=epoch,
-            purity=purity,
-            gap={m: abs(p["train"] - p["val"]) for m, p in purity.items()},
-            alpha=alpha,
-            applied=False,
-            seconds=time.perf_counter() - start,
-        )
+        """Purities of every modality on both splits, then the strengths from all of them
+        (`diagnose_features` with this Relearner's settings). Changes nothing."""
+        return diagnose_features(train, val, self.n_clusters, strength=self.strength, modalities=self.modalities,
+                                 seed=self.seed, n_init=self.n_init, backend=self.kmeans_backend,
+                                 repeats=self.repeats, epoch=epoch)
 
     def relearn(self, diagnosis: Diagnosis) -> None:
         """Re-initialise every encoder with its own strength (the `reinit` rule)."""

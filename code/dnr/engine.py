@@ -80,11 +80,17 @@ def forward_pass(model: nn.Module, loader: DataLoader, device, *, head: bool = T
                  device_transform: Optional[DeviceTransform] = None) -> Outputs:
     """The model in eval mode over `loader`. `head=False` runs the encoders only (features for a
     diagnosis or a probe); `features=True` keeps the pooled features of a full pass too, so a
-    diagnosis after an evaluation need not run the encoders again."""
+    diagnosis after an evaluation need not run the encoders again.
+
+    Batches are dicts {"inputs": {modality: tensor}, "label": (B,), "index": (B,)}; "index" (the
+    dataset position, which puts several processes' shards back in order) may be left out in one
+    process, for a loader of one's own that keeps its order. The model returns an object with
+    `.logits` (B, C), `.features` {modality: (B, D)} and optionally `.unimodal_logits`."""
     model.eval()
     net = unwrap(model)
     keep_features = features or not head
     cols: Dict[str, list] = {}  # "labels", "index", "logits", "uni/<m>", "feat/<m>"
+    seen = 0  # samples so far: the positions of batches without an "index"
 
     def put(key: str, value: Tensor) -> None:
         cols.setdefault(key, []).append(value)
@@ -97,8 +103,13 @@ def forward_pass(model: nn.Module, loader: DataLoader, device, *, head: bool = T
                 feats = out.features
             else:
                 out, feats = None, net.encode(inputs)
-        put("labels", batch["label"].to(device))
-        put("index", batch["index"].to(device))
+        labels = batch["label"].to(device)
+        if "index" not in batch and dist.info().enabled:
+            raise ValueError("forward_pass with several processes needs each batch's 'index' (dataset positions)")
+        index = batch["index"] if "index" in batch else torch.arange(seen, seen + len(labels))
+        seen += len(labels)
+        put("labels", labels)
+        put("index", index.to(device))
         if out is not None:
             put("logits", out.logits.float())
             for m, u in (out.unimodal_logits or {}).items():
@@ -159,6 +170,13 @@ class FeatureSource:
 
     def clear(self) -> None:
         self.kept.clear()
+
+    def remembering(self, split: str) -> Tuple[Dict[str, Tensor], Tensor]:
+        """As calling it, but what it extracts is kept until `clear`: for a first diagnosis of
+        weights that a second one (D&R's, after --track_purity_every's) will cluster again."""
+        if split not in self.kept:
+            self.kept[split] = self(split)
+        return self.kept[split]
 
     def __call__(self, split: str) -> Tuple[Dict[str, Tensor], Tensor]:
         if split in self.kept:

@@ -79,6 +79,9 @@ def summarize(runs: List[dict]) -> List[dict]:
             "best_test_acc": pm([r["best_test_acc"] for r in rs]),
             "unimodal": {m: pm([r["unimodal_test_acc"].get(m) for r in rs]) for m in modalities},
             "probe": {m: pm([r.get("probe_test_acc", {}).get(m) for r in rs]) for m in modalities},
+            # Shapley contribution to the fused test accuracy, in points; "-" for runs made before it existed.
+            "shapley": {m: pm([r.get("shapley_test_acc", {}).get(m) for r in rs]) for m in modalities},
+            "cost": cost_of(rs),
             "epochs": rs[0]["epochs"],
             "seconds": mean_std([r["seconds"] for r in rs])[0],
             "diagnoses": [],
@@ -97,6 +100,26 @@ def summarize(runs: List[dict]) -> List[dict]:
     return rows
 
 
+def cost_of(rs: List[dict]) -> dict:
+    """Means over the seeds of results.json's "cost" (None where no run has it)."""
+    costs = [r["cost"] for r in rs if r.get("cost")]
+
+    def mean(get):
+        vals = [get(c) for c in costs]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    kinds = sorted({c["peak_memory"]["kind"] for c in costs})
+    return {"parameters": mean(lambda c: c["parameters"]), "flops_per_sample": mean(lambda c: c["flops_per_sample"]),
+            "seconds_per_epoch": mean(lambda c: c["seconds_per_epoch"]),
+            "train_seconds_per_epoch": mean(lambda c: c["train_seconds_per_epoch"]),
+            "peak_memory_mb": mean(lambda c: c["peak_memory"]["mb"]), "peak_memory_kind": "/".join(kinds)}
+
+
+MEMORY_KINDS = {"cpu_peak_rss": "CPU: peak resident set size of the whole process",
+                "cuda_max_allocated": "CUDA: most memory held by tensors (torch.cuda.max_memory_allocated)"}
+
+
 def markdown(rows: List[dict]) -> str:
     """Two tables: accuracy (mean ± std over seeds, in %), and purities/strengths per diagnosis."""
     if not rows:
@@ -106,14 +129,38 @@ def markdown(rows: List[dict]) -> str:
         modalities += [m for m in r["modalities"] if m not in modalities]
     head = (["dataset", "method", "modalities", "seeds", "test acc", "test macro-F1", "test mAP", "val acc"]
             + [f"{m} acc (head)" for m in modalities] + [f"{m} acc (probe)" for m in modalities]
-            + ["best test acc (test-selected)", "epochs", "s / run"])
+            + ["best test acc (test-selected)", "epochs", "s / run"] + [f"{m} Shapley (pts)" for m in modalities])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = ([r["dataset"], r["method"], "+".join(r["modalities"]), str(len(r["seeds"])), r["test_acc"],
                   r["test_macro_f1"], r["test_map"], r["val_acc"]]
                  + [r["unimodal"].get(m, "-") for m in modalities] + [r["probe"].get(m, "-") for m in modalities]
-                 + [r["best_test_acc"], str(r["epochs"]), f"{r['seconds']:.0f}"])
+                 + [r["best_test_acc"], str(r["epochs"]), f"{r['seconds']:.0f}"]
+                 + [r.get("shapley", {}).get(m, "-") for m in modalities])
         lines.append("| " + " | ".join(cells) + " |")
+    costed = [r for r in rows if r.get("cost", {}).get("parameters") is not None]
+    if costed:
+        kinds = sorted({k for r in costed for k in r["cost"]["peak_memory_kind"].split("/") if k})
+        lines += ["", "Shapley (pts): each modality's Shapley contribution to the fused test accuracy at the selected "
+                      "epoch (other modalities' inputs zeroed); they add up to the accuracy minus that with every "
+                      "input zeroed.", "",
+                  "Cost (mean over seeds): parameters; forward FLOPs per sample (torch.utils.flop_counter: matrix "
+                  "products and convolutions, a multiply-add = 2); seconds per epoch (training, evaluation, "
+                  "diagnoses) and of its training pass alone; peak memory (" + "; ".join(
+                      MEMORY_KINDS.get(k, k) for k in kinds) + "):", ""]
+        head = ["method", "modalities", "parameters (M)", "GFLOPs / sample", "s / epoch", "training s / epoch",
+                "peak memory (MiB)"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+        def num(v, fmt):
+            return "-" if v is None else format(v, fmt)
+
+        for r in costed:
+            c = r["cost"]
+            lines.append("| " + " | ".join([
+                r["method"], "+".join(r["modalities"]), num(c["parameters"] / 1e6, ".2f"),
+                num(c["flops_per_sample"] and c["flops_per_sample"] / 1e9, ".3f"), num(c["seconds_per_epoch"], ".1f"),
+                num(c["train_seconds_per_epoch"], ".1f"), num(c["peak_memory_mb"], ".0f")]) + " |")
     diag_rows = [(r, d) for r in rows for d in r["diagnoses"]]
     if diag_rows:
         lines += ["", "Diagnoses (purity of k-means clusters of each encoder's features; strength "
