@@ -160,8 +160,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "training steps; 0 never; -1 (auto) about five lines per epoch of at least 50 steps")
     g.add_argument("--save_last", choices=("every_epoch", "end", "never"), default="every_epoch",
                    help="when to write last.pth (about 270 MB for two ResNet-18s: model, optimiser, the D&R "
-                        "snapshot): every_epoch lets --resume continue a cut run; end and never save disk, "
-                        "but a cut run then starts again")
+                        "snapshot): every_epoch lets --resume continue a cut run; end writes it once, after "
+                        "the last epoch; never leaves it out (the disk saving); with end or never a cut run "
+                        "starts again")
     g.add_argument("--keep_every", type=int, default=0,
                    help="also keep the model alone after every 0-based epoch e with e %% N == 0 as "
                         "epoch_XXX.pth (the weights that epoch evaluated, before any re-initialisation; "
