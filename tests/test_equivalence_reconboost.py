@@ -23,6 +23,7 @@ huacong/ReconBoost at 14ab57a (read in our words):
   schedule.py L50-61 fixed mode: audio at even stages, visual at odd; MOSEI (L42-48) cycles three.
 """
 import copy
+import json
 
 import pytest
 import torch
@@ -301,3 +302,68 @@ def test_reconboost_epoch_start_sets_the_members_and_state_round_trips():
 def test_reconboost_check_args_names_the_flag(flag, value):
     with pytest.raises(ValueError, match=f"--{flag}"):
         METHODS["reconboost"].check_args(make_args(**{flag: value}))
+
+
+# ---------------------------------------------------------------------- first stage and resume
+def test_reconboost_pretraining_loads_each_stage_once(tmp_path):
+    """--reconboost_pretrain_epochs: one uni-modal stage per modality, its best encoder loaded; a
+    resumed run (pretrained carried by the method state) does not load them again."""
+    model, x, y = make(INFO, seed=7)
+    donor, _, _ = make(INFO, seed=8)
+    calls = []
+
+    def run_stage(name, **flags):
+        calls.append((name, flags))
+        folder = tmp_path / name
+        folder.mkdir()
+        torch.save({"model": donor.state_dict(), "epoch": 0}, folder / "best.pth")
+        return folder
+
+    method = create_method("reconboost", args_for(reconboost_pretrain_epochs=3), model, INFO)
+    ctx = type("Ctx", (), {"model": model, "run_stage": staticmethod(run_stage)})()
+    method.before_training(ctx)
+    assert [name for name, _ in calls] == ["reconboost_pretrain_audio", "reconboost_pretrain_visual"]
+    assert calls[0][1]["method"] == "unimodal" and calls[0][1]["unimodal_modality"] == "audio"
+    assert calls[0][1]["epochs"] == 3
+    for k, v in donor.encoders.state_dict().items():
+        assert torch.equal(model.encoders.state_dict()[k], v), k
+    head_before = model.fusion.head.fc1.weight.clone()
+    assert not torch.equal(head_before, donor.fusion.head.fc1.weight)  # the head stays fresh, as theirs
+    resumed = create_method("reconboost", args_for(reconboost_pretrain_epochs=3), model, INFO)
+    resumed.load_state_dict(method.state_dict())
+    resumed.before_training(ctx)
+    assert len(calls) == 2
+
+
+def test_reconboost_pretraining_end_to_end(tmp_path):
+    import main as trainer
+    from conftest import TINY
+
+    out = tmp_path / "run"
+    rc = trainer.cli(TINY + ["--ckpt_path", str(out), "--method", "reconboost", "--epochs", "2", "--no-probe",
+                             "--reconboost_pretrain_epochs", "1", "--reconboost_boost_epochs", "1",
+                             "--reconboost_correct_epochs", "1"])
+    assert rc == 0
+    for m in ("audio", "visual"):
+        assert (out / f"reconboost_pretrain_{m}" / "results.json").is_file()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    # Every learner is in the ensemble from stage 0: the boosting epoch already ran the other one.
+    assert {"acc_audio", "acc_visual"} <= set(log[0]["train"]) and "reconboost_consolidation" not in log[0]["train"]
+
+
+def test_reconboost_resume_mid_phase_matches_an_uninterrupted_run(tmp_path):
+    """Cut after epoch 0 of a two-epoch boosting phase: the resumed run keeps the phase's optimiser
+    state (no reset at a phase's second epoch) and ends with the same weights."""
+    import main as trainer
+    from conftest import TINY
+
+    common = TINY + ["--method", "reconboost", "--no-probe", "--deterministic", "--device", "cpu",
+                     "--reconboost_boost_epochs", "2", "--reconboost_correct_epochs", "1"]
+    assert trainer.cli(common + ["--ckpt_path", str(tmp_path / "full"), "--epochs", "4"]) == 0
+    assert trainer.cli(common + ["--ckpt_path", str(tmp_path / "cut"), "--epochs", "1"]) == 0
+    assert trainer.cli(common + ["--ckpt_path", str(tmp_path / "cut"), "--epochs", "4", "--resume"]) == 0
+    full = torch.load(tmp_path / "full" / "last.pth", weights_only=True)["model"]
+    cut = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["model"]
+    assert full["fusion.members"].tolist() == [1.0, 0.0]  # epoch 3 boosts visual; audio joined
+    for k in full:
+        assert torch.equal(full[k], cut[k]), k

@@ -28,8 +28,11 @@ def read_log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-# Flags some methods need on a 3-epoch run: a modality to keep, modulation from the first epoch.
-EXTRA = {"unimodal": ["--unimodal_modality", "visual"], "opm": ["--opm_starts", "0"]}
+# Flags some methods need on a 3-epoch run: a modality to keep, modulation from the first epoch,
+# short stages.
+EXTRA = {"unimodal": ["--unimodal_modality", "visual"], "opm": ["--opm_starts", "0"],
+         # one boosting and one rectification epoch per stage: 3 epochs reach the second modality's stage
+         "reconboost": ["--reconboost_boost_epochs", "1", "--reconboost_correct_epochs", "1"]}
 # D&R needs a diagnosis followed by a training epoch: three epochs, a diagnosis after the second.
 D_AND_R = ["--epochs", "3", "--reinit_epoch", "1", "--reinit_num", "1"]
 

@@ -49,8 +49,10 @@ Remaining differences and their flags:
   - `--reconboost_pretrain_epochs N` (default 0, their argument default) first trains each
     modality alone for N epochs (`--method unimodal` stages in <out>/reconboost_pretrain_<m>,
     selected on val), starts the encoders from them, and puts every learner in the ensemble from
-    stage 0, as their `--use_pretrain` runs (their CREMA-D and AVE commands, from uni-modal
-    checkpoints selected on test; the head stays fresh, as theirs, replaced by the shared one).
+    stage 0, as their `--use_pretrain` runs (their CREMA-D, AVE and ModelNet40 commands; their
+    uni-modal checkpoints are named after the epoch of their best accuracy, their runs evaluating
+    on test). The uni-modal heads are dropped: the learners' head starts fresh, as theirs (`fc`
+    replaced by the shared head).
   - Weights w1, w2: defaults are their `train.py` (CREMA-D) values; their AVE and ModelNet40
     commands use 4.0 and 1.0, their MSA script 1.0 and 0.25.
   - Three modalities: their `train_MSA.py` cannot run as released (`schedule_model` has no
@@ -205,7 +207,8 @@ class ReconBoost(Method):
                                 "%(default)s)")
         group.add_argument("--reconboost_consolidation", choices=("detached", "gradient"), default="detached",
                            help="detached: the consolidation term carries no gradient (the authors' code); "
-                                "gradient: it reaches the current learner (the paper) (default: %(default)s)")
+                                "gradient: it reaches the current learner (our reading of the paper) "
+                                "(default: %(default)s)")
         group.add_argument("--reconboost_reset_optimizer", action=argparse.BooleanOptionalAction, default=True,
                            help="fresh optimiser state (momentum) at the start of every phase, as the authors "
                                 "build a new SGD per phase (default: %(default)s)")
