@@ -12,12 +12,12 @@ from test_equivalence import (B, INFO, build, differences, encode, fused, make_a
                               state, tiny_encoder)  # noqa: F401  (tiny_encoder: the autouse fixture)
 
 
-# xushaoxuan123/new-imbalance_leaderboard at 508a7b3, models/MSBD/MSBD_main.py L36-57 (out_a, out_v: the
-# concat head's slices plus bias / 2), L78-112 (inside the window: CE of the fused, audio and visual
+# xushaoxuan123/new-imbalance_leaderboard at 508a7b3, models/MSBD/MSBD_main.py L58-62 (out_a, out_v: the
+# concat head's slices plus bias / 2), L82-113 (inside the window: CE of the fused, audio and visual
 # logits; RS = sum of squared logit gaps / C; per sample, written into zero tensors one by one, w = max
 # - min of the true-class probabilities when either modality's argmax is right, ps = the max, pw = the
 # min; F.kl_div(ps, pw, 'none') = pw (log pw - ps); both terms w-weighted and divided by the batch size;
-# nothing detached), L114 (outside the window: the fused CE only).
+# nothing detached), L82 and L115 (outside the window: the fused CE only).
 def mbsd_reference(model, x, y, inside=True, variant=None):
     ref = copy.deepcopy(model)
     feats = encode(ref, x)

@@ -2,16 +2,19 @@
 (the method GeWu-Lab/BalanceBenchmark lists as "MBSD" among its objective methods).
 
 Provenance. BalanceBenchmark (Xu, Cui, Huang, Wang, Hu, arXiv 2502.10816) names MBSD without a
-citation in its repository, and no paper or authors' repository of that name could be found (the
-searches are listed in the report that added this file). The only earlier public code is
-xushaoxuan123/new-imbalance_leaderboard at 508a7b3 (the benchmark's first author's pre-release
-leaderboard), `models/MSBD/MSBD_main.py` `train_epoch` (L21-120, the method there is called "MSBD")
-with `train_model/MSBD_train.py` (L17-45, the epoch loop) and `main.py` (L40-60, the defaults); it
-is not an authors' release, but it is what BalanceBenchmark's `balancemm/trainer/MBSD_trainer.py`
-(at 4c1482f) copies, so the mechanics below are that code's. The "modality-wise normalization on
-weight and feature" the brief and both files mention is a comment left over from MMCosine: in the
-leaderboard code the normalisation runs only when the method is MMCosine, and BalanceMM's MBSD
-does not normalise either; there is none here.
+citation in its repository; no paper or authors' repository of that name was found (searched: the
+BalanceBenchmark repository and README, GeWu-Lab's list of balanced multimodal learning papers,
+public code for the loss's distinctive lines). The only earlier public code is
+xushaoxuan123/new-imbalance_leaderboard at 508a7b3, the benchmark's first author's pre-release
+leaderboard: `models/MSBD/MSBD_main.py` `train_epoch` (L21-120, the method is called "MSBD" there:
+uni-modal logits L58-62, losses L82-87, the window's terms L88-113), `train_model/MSBD_train.py`
+(L19-49, the epoch loop) and `main.py` (L46-58, the defaults). It is not an authors' release (as
+committed, its entry point builds a classifier without the `head` the step reads), but it is what
+BalanceBenchmark's `balancemm/trainer/MBSD_trainer.py` (at 4c1482f) copies, and so what BalanceMM's
+MBSD numbers come from; the mechanics below are that code's. The "modality-wise normalization on
+weight and feature" that both files mention is a comment left over from MMCosine: the leaderboard
+code normalises only when the method is MMCosine (L47-57), BalanceMM's MBSD not at all; there is no
+normalisation here.
 
 One step, with s_m modality m's logits from the fusion head (concat: its slice of the weight plus
 bias / M, exactly their `out_a`, `out_v`; sum fusion: its own Linear), p_m = softmax(s_m)[y]:
