@@ -5,7 +5,7 @@ changes with the epoch.
 Checked against the authors' released code: njustkmg/NeurIPS24-LFM at ad44fa0, `Crema_epoch.py`
 (`Alignment` L38-45, `getAlpha_Learnable_Fitted` L47-53, `train_audio_video` L56-85, the epoch loop
 L177-199; the README's command), `Crema_epoch_learnable.py` (`getAlpha_Learnable` L55-97, the held-out
-batch L216-233, the loop L246-256), `model/AudioVideo.py` (`AVClassifier` L46-67: one Linear head per
+batch L216-233, the loop L246-258), `model/AudioVideo.py` (`AVClassifier` L46-67: one Linear head per
 modality) and `data/crema.json` (200 epochs, SGD lr 1e-2). The mechanics below are theirs unless a
 flag says otherwise.
 
@@ -17,16 +17,18 @@ with concat fusion, its slice of the weight plus bias / M) and M modalities:
                  averaged over the batch (their `Alignment`: F.kl_div(p.log(), r) is KL(r || p), so this
                  is not the Jensen-Shannon divergence, whose terms are KL(p || r));
   step loss      L = 2 (alpha_cls(e) CE(f, y) + alpha_match(e) A), e the 0-based epoch.
-The paper calls the matching term a contrastive loss; the released code has no other (no feature
-contrast, no temperature): this is the whole "contrastive" part.
+The paper presents the second term as contrastive learning; the released code has no other term
+(no feature contrast, no temperature): this divergence is all of it. The paper's text was not
+available here, so its equations were not compared; its heuristic weighting ("Ours-H", a
+decreasing function of the epoch) is not in the released code and is not implemented.
 
 The weights (`--lfm_weighting`):
   fitted (default; `Crema_epoch.py`, the README's command): alpha_cls(e) = sum_i c_i e^i, a degree-5
     polynomial they fitted to the learnt weights, alpha_match = 1 - alpha_cls (their second
-    polynomial is exactly that). It rises from 0.205 at epoch 0 to 0.50 at epoch 80 and 1.0 near
-    epoch 180, then falls; past about epoch 175 alpha_match is negative, past 200 the curve leaves
-    any sensible range (-2.3 at epoch 250), so runs longer than 200 epochs must map their epochs
-    onto it (`--lfm_fit_epochs N`: the curve at e * 200 / N, their 200-epoch CREMA-D run).
+    polynomial is exactly that). It rises from 0.205 at epoch 0 to 0.50 at epoch 80, passes 1 at
+    epoch 178 (alpha_match down to -0.01 until epoch 189, as theirs), then falls: 0.90 at epoch 199,
+    -2.3 at 250. Runs longer than their 200 epochs must therefore map their epochs onto the curve
+    (`--lfm_fit_epochs N`: the curve at e * 200 / N); check_args refuses them otherwise.
   learnable (`Crema_epoch_learnable.py`): 16 random training samples are held out of training; before
     every epoch, on the first 8 of them, with L_v = alpha_cls CE + alpha_match A (no factor 2):
     g = dL_v/dtheta, g_cls = dCE/dtheta, h = d(g . g_cls)/dtheta (a Hessian-vector product, g_cls
