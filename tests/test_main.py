@@ -127,7 +127,7 @@ def test_every_method_runs_with_three_modalities(method, tmp_path):
     assert res["subset_test_acc"]["audio+visual+sensor"] == pytest.approx(res["test"]["acc"])
     log = read_log(out)[0]["train"]
     prefix = {"ogm": "ogm_coeff_", "ogm_ge": "ogm_coeff_", "agm": "agm_coeff_", "pmr": "pmr_ratio_",
-              "mmpareto": "mmpareto_cos_", "opm": "opm_q_"}.get(method)
+              "mmpareto": "mmpareto_cos_", "opm": "opm_q_", "mbsd": "mbsd_ce_"}.get(method)
     if prefix:  # the method's own per-modality numbers reach the log, for all three modalities
         assert {k[len(prefix):] for k in log if k.startswith(prefix)} == {"audio", "visual", "sensor"}
 
