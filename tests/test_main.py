@@ -29,7 +29,8 @@ def read_log(out):
 
 
 # Flags some methods need on a 3-epoch run: a modality to keep, modulation from the first epoch.
-EXTRA = {"unimodal": ["--unimodal_modality", "visual"], "opm": ["--opm_starts", "0"]}
+EXTRA = {"unimodal": ["--unimodal_modality", "visual"], "opm": ["--opm_starts", "0"],
+         "umt": ["--umt_teacher_epochs", "1"], "ume": ["--ume_teacher_epochs", "1"]}  # one-epoch teacher stages
 # D&R needs a diagnosis followed by a training epoch: three epochs, a diagnosis after the second.
 D_AND_R = ["--epochs", "3", "--reinit_epoch", "1", "--reinit_num", "1"]
 
@@ -124,7 +125,7 @@ def test_every_method_runs_with_three_modalities(method, tmp_path):
     assert res["subset_test_acc"]["audio+visual+sensor"] == pytest.approx(res["test"]["acc"])
     log = read_log(out)[0]["train"]
     prefix = {"ogm": "ogm_coeff_", "ogm_ge": "ogm_coeff_", "agm": "agm_coeff_", "pmr": "pmr_ratio_",
-              "mmpareto": "mmpareto_cos_", "opm": "opm_q_"}.get(method)
+              "mmpareto": "mmpareto_cos_", "opm": "opm_q_", "umt": "umt_mse_"}.get(method)
     if prefix:  # the method's own per-modality numbers reach the log, for all three modalities
         assert {k[len(prefix):] for k in log if k.startswith(prefix)} == {"audio", "visual", "sensor"}
 

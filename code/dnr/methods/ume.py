@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from typing import Callable, Dict, Mapping, Optional
 
 import torch
@@ -147,6 +148,8 @@ class UME(Method):
         super().__init__(args, model, info)
         model.combine = args.ume_combine
         model.check_combine()
+        # No optimiser step ever runs; the loop's scheduler.step() is then harmless, its warning noise.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
 
     def before_training(self, ctx) -> None:
         epochs = teacher_epochs(self.args, self.args.ume_teacher_epochs)
