@@ -70,7 +70,6 @@ class UnimodalEnsemble(nn.Module):
         self.encoder_names = {m: members[m].encoder_names[m] for m in self.modalities}
         self.encoders = nn.ModuleDict({m: members[m].encoders[m] for m in self.modalities})
         self.heads = nn.ModuleDict({m: members[m].fusion for m in self.modalities})
-        self.fusion_name = "ume"
         self.num_classes = info.num_classes
         self.combine = combine
         self.check_combine()
