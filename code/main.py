@@ -489,8 +489,15 @@ def checkpoint_to_resume(args, out: Path, device):
     if path is None:
         return None
     if not path.is_file():
+        if args.resume == "auto" and stages_done(out):
+            return None  # cut in a first stage (run_stage): the stages resume themselves; no epoch of its own yet
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     return ckpt_io.load_training(path, map_location=device)
+
+
+def stages_done(out: Path) -> list:
+    """The first stages (run_stage folders) of the run in `out` with an epoch kept (last.pth) or finished."""
+    return sorted(p.name for p in out.glob("*/") if (p / "last.pth").exists() or (p / "results.json").exists())
 
 
 def auto_log_every(steps: int) -> int:
@@ -612,16 +619,20 @@ def stop_message(args, argv, signum: int) -> str:
     out = output_folder(args)
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     last = out / "last.pth"
-    if not last.exists():
-        return (f"stopped by {name} before the first epoch finished: nothing to resume"
-                + ("" if out.exists() else f" ({out} was removed)"))
-    epoch = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"]
     here = Path(__file__).resolve()
     try:
         here = here.relative_to(Path.cwd())
     except ValueError:
         pass
     again = list(argv) + ([] if "--resume" in argv else ["--resume"])
+    if not last.exists():
+        stages = stages_done(out) if out.exists() else []
+        if stages:  # the first stages' epochs are kept: the same command with --resume continues from them
+            return (f"stopped by {name} during the first stages ({', '.join(stages)} kept); continue with:\n"
+                    f"  {shlex.join(['python', str(here)] + again)}")
+        return (f"stopped by {name} before the first epoch finished: nothing to resume"
+                + ("" if out.exists() else f" ({out} was removed)"))
+    epoch = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"]
     return (f"stopped by {name} after epoch {epoch} (0-based) had finished; {last} holds that epoch; "
             f"continue with:\n"
             f"  {shlex.join(['python', str(here)] + again)}\n"

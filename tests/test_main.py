@@ -28,11 +28,16 @@ def read_log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-# Flags some methods need on a 3-epoch run: a modality to keep, modulation from the first epoch,
-# short stages.
-EXTRA = {"unimodal": ["--unimodal_modality", "visual"], "opm": ["--opm_starts", "0"],
-         # one boosting and one rectification epoch per stage: 3 epochs reach the second modality's stage
-         "reconboost": ["--reconboost_boost_epochs", "1", "--reconboost_correct_epochs", "1"]}
+# Flags some methods need on a 3-epoch run (one entry per line): a modality to keep, modulation
+# from the first epoch, short stages.
+EXTRA = {
+    "unimodal": ["--unimodal_modality", "visual"],
+    "opm": ["--opm_starts", "0"],
+    # one boosting and one rectification epoch per stage: 3 epochs reach the second modality's stage
+    "reconboost": ["--reconboost_boost_epochs", "1", "--reconboost_correct_epochs", "1"],
+    "umt": ["--umt_teacher_epochs", "1"],  # one-epoch teacher stages
+    "ume": ["--ume_teacher_epochs", "1"],
+}
 # D&R needs a diagnosis followed by a training epoch: three epochs, a diagnosis after the second.
 D_AND_R = ["--epochs", "3", "--reinit_epoch", "1", "--reinit_num", "1"]
 
@@ -127,7 +132,10 @@ def test_every_method_runs_with_three_modalities(method, tmp_path):
     assert res["subset_test_acc"]["audio+visual+sensor"] == pytest.approx(res["test"]["acc"])
     log = read_log(out)[0]["train"]
     prefix = {"ogm": "ogm_coeff_", "ogm_ge": "ogm_coeff_", "agm": "agm_coeff_", "pmr": "pmr_ratio_",
-              "mmpareto": "mmpareto_cos_", "opm": "opm_q_", "mbsd": "mbsd_ce_"}.get(method)
+              "mmpareto": "mmpareto_cos_", "opm": "opm_q_",
+              "mbsd": "mbsd_ce_",
+              "umt": "umt_mse_",
+              }.get(method)
     if prefix:  # the method's own per-modality numbers reach the log, for all three modalities
         assert {k[len(prefix):] for k in log if k.startswith(prefix)} == {"audio", "visual", "sensor"}
 

@@ -52,7 +52,7 @@ def folder_lock(folder: Path, name: str, busy: str, error: type = FolderBusy,
 
 def has_finished_epoch(folder: Path) -> bool:
     """Whether any epoch of this run (or of a first stage inside it) was logged or checkpointed."""
-    return (folder / "log.jsonl").exists() or any(folder.rglob("last.pth"))
+    return any(folder.rglob("log.jsonl")) or any(folder.rglob("last.pth"))
 
 
 @contextlib.contextmanager
