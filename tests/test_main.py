@@ -29,7 +29,8 @@ def read_log(out):
 
 
 # Flags some methods need on a 3-epoch run: a modality to keep, modulation from the first epoch.
-EXTRA = {"unimodal": ["--unimodal_modality", "visual"], "opm": ["--opm_starts", "0"]}
+EXTRA = {"unimodal": ["--unimodal_modality", "visual"], "opm": ["--opm_starts", "0"],
+         "sample_valuation": ["--sample_valuation_warmup", "1"]}
 # D&R needs a diagnosis followed by a training epoch: three epochs, a diagnosis after the second.
 D_AND_R = ["--epochs", "3", "--reinit_epoch", "1", "--reinit_num", "1"]
 
