@@ -62,6 +62,7 @@ from torch.utils.data import DataLoader
 from .. import distributed as dist
 from ..models import unwrap
 from ..runtime import epoch_seed, worker_init
+from ..stepping import AMP_DTYPES
 from .base import Method, register_method
 from .common import require
 
@@ -211,7 +212,9 @@ class SampleValuation(Method):
         transform = ctx.train_transform
         # forward_pass hands its device transform train=False; the valuation sees training inputs.
         augment = None if transform is None else (lambda inputs, train: transform(inputs, True))
-        out = forward_pass(ctx.model, loader, ctx.device, head=False, device_transform=augment, desc="valuation")
+        amp = AMP_DTYPES.get(getattr(self.args, "amp", "off"))
+        out = forward_pass(ctx.model, loader, ctx.device, head=False, amp=amp, device_transform=augment,
+                           desc="valuation")
         return out.features, out.labels
 
     @torch.no_grad()
