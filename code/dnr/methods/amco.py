@@ -36,6 +36,9 @@ Remaining differences and their flags:
     default eps; `--amco_eps` stretches it) and the dependence rule.
   - Under DistributedDataParallel the shares are averaged over processes, so all mark the same
     modality; each process draws its own mask units.
+  - Window: the benchmark's configuration starts AMCo at epoch 10 in that first version and at
+    epoch 0 later; ours starts at 0 (`--amco_starts 10` for the former). Its `alpha: 0.1` is read
+    by neither version and has no counterpart here.
   - Three or more modalities: the same rule over M blocks (the benchmark's three-modality branch
     also marks the first modality in order whose share reaches sigma).
   - Needs per-modality logits: --fusion concat or sum.
