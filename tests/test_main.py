@@ -37,6 +37,7 @@ EXTRA = {
     "reconboost": ["--reconboost_boost_epochs", "1", "--reconboost_correct_epochs", "1"],
     "umt": ["--umt_teacher_epochs", "1"],  # one-epoch teacher stages
     "ume": ["--ume_teacher_epochs", "1"],
+    "sample_valuation": ["--sample_valuation_warmup", "1"],
 }
 # D&R needs a diagnosis followed by a training epoch: three epochs, a diagnosis after the second.
 D_AND_R = ["--epochs", "3", "--reinit_epoch", "1", "--reinit_num", "1"]

@@ -157,24 +157,39 @@ class EpochBatchSampler(Sampler[List[int]]):
                 raise ValueError(f"epoch indices outside the training split [0, {self.n}): {bad[:5]}")
         self.indices = indices
 
-    def _global_batches(self) -> List[List[int]]:
-        pool = list(range(self.n)) if self.indices is None else self.indices
+    def _global_positions(self) -> List[List[int]]:
+        """The epoch's global batches as positions in its pool (the indices set_epoch got, else
+        0..n-1)."""
+        size = self.n if self.indices is None else len(self.indices)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed)
-            order = [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
+            order = torch.randperm(size, generator=g).tolist()
         else:
-            order = list(pool)
-        size = self.batch_size * self.world
-        batches = [order[i:i + size] for i in range(0, len(order), size)]
+            order = list(range(size))
+        step = self.batch_size * self.world
+        batches = [order[i:i + step] for i in range(0, len(order), step)]
         if batches and len(batches[-1]) < 2 * self.world:
             batches.pop()
         return batches
 
+    def _global_batches(self) -> List[List[int]]:
+        pool = list(range(self.n)) if self.indices is None else self.indices
+        return [[pool[i] for i in batch] for batch in self._global_positions()]
+
+    def _own_slice(self, batch: List[int]) -> List[int]:
+        base, extra = divmod(len(batch), self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return batch[start:start + base + (1 if self.rank < extra else 0)]
+
+    def batch_positions(self) -> List[List[int]]:
+        """This process's batches of the epoch, in the order it yields them, as positions in the
+        list of indices set_epoch got (a re-sampling method tells its repeated samples apart with
+        them: batch.step indexes this list)."""
+        return [self._own_slice(batch) for batch in self._global_positions()]
+
     def __iter__(self) -> Iterator[List[int]]:
         for batch in self._global_batches():
-            base, extra = divmod(len(batch), self.world)
-            start = self.rank * base + min(self.rank, extra)
-            yield batch[start:start + base + (1 if self.rank < extra else 0)]
+            yield self._own_slice(batch)
 
     def __len__(self) -> int:
         return len(self._global_batches())

@@ -6,7 +6,10 @@
                                   mid-fusion blocks builds them here, so the loop has no special case
     before_training(ctx)        once, before the first epoch (also after a resume): e.g. a first
                                   stage (uni-modal teachers) run with ctx.run_stage, resumable
-    epoch_indices(epoch, ctx) -> None or the training indices of this epoch (re-sampling)
+    epoch_indices(epoch, ctx) -> None or the training indices of this epoch (re-sampling); a method
+                                  whose repeats play different roles finds each batch's positions in
+                                  that list with ctx.train_loader.batch_sampler.batch_positions()
+                                  (batch.step indexes it)
     on_epoch_start(epoch, ctx)  once per epoch, before training
     train_step(model, batch, update) -> StepResult   one batch; by default the five hooks below,
                                   once. Alternating methods take several optimiser steps here.
