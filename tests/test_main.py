@@ -29,7 +29,9 @@ def read_log(out):
 
 
 # Flags some methods need on a 3-epoch run: a modality to keep, modulation from the first epoch.
-EXTRA = {"unimodal": ["--unimodal_modality", "visual"], "opm": ["--opm_starts", "0"]}
+EXTRA = {"unimodal": ["--unimodal_modality", "visual"], "opm": ["--opm_starts", "0"],
+         # Gradient-Blending: an estimate at epoch 0 (one epoch ahead), re-estimated at epoch 1
+         "gblending": ["--gblending_warmup", "1", "--gblending_super_epoch", "2"]}
 # D&R needs a diagnosis followed by a training epoch: three epochs, a diagnosis after the second.
 D_AND_R = ["--epochs", "3", "--reinit_epoch", "1", "--reinit_num", "1"]
 

@@ -4,8 +4,10 @@ Classification Networks Hard?").
 What the authors released: facebookresearch/VMZ at 4cc542d, the Caffe2 code of the paper's
 audio-visual models: `c2/lib/models/audio_visual_model.py` L458-499 (with g_blend, one extra FC
 classifier on each modality's pooled feature, `a_last_out` and `v_last_out`, beside the fused
-classifier), `c2/lib/models/loss/loss_creator.py` `add_weighted_loss` L119-206 (three softmax
-cross-entropies, each scaled by its weight, summed), `c2/lib/models/model_builder.py` L172-185 and
+classifier), `c2/lib/models/loss/loss_creator.py` `add_weighted_loss` L119-200 (three softmax
+cross-entropies, each scaled by its weight, summed; as released, L147 passes `prefix=` to
+`add_loss`, whose keyword is `loss_prefix` (L28-40), which Python refuses: we read it as the
+prefix of the fused loss's name, no effect on the numbers), `c2/lib/models/model_builder.py` L172-185 and
 `c2/tools/train_net.py` L277-280, L578-585 (the weights are the hand-given flags --audio_weight,
 --visual_weight, --av_weight), `c2/tools/test_net.py` L226 (evaluation reads the fused head's
 softmax), and `c2/tutorials/gradient_blending.md` (weights computed by Gradient-Blending, given as
