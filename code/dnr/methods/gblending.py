@@ -56,8 +56,20 @@ Remaining differences and their flags:
     estimation (the authors' released training, whose weights come from elsewhere).
   - A resume in the middle of an estimate redoes it (its copies are not checkpointed); the weights
     in use and the last estimate's measures are in the checkpoint.
+  - The fused classifier is the run's --fusion head, as for every method (theirs: two FC layers
+    with ReLU on the concatenated features, then the prediction layer).
+  - On tiny held-out splits the accuracy metric often gives dO = 0 exactly, and the floor then
+    hands that head nearly all the weight (the formula's own behaviour; the paper's held-out sets
+    have thousands of clips).
+  - Under DistributedDataParallel every process trains its copies on its shard of each batch with
+    gradients averaged, and the measures use every process's samples, so all hold the same weights.
   - Three or more modalities: the paper's Table 4 has RGB + flow + audio; every modality gets its
     own head and copy, the weights run over k + 1 heads.
+  - Cost: a step costs the baseline's (the extra heads are linear layers). Each estimate trains
+    k + 1 copies for the super-epoch's length (a uni-modal copy runs one encoder) and runs two
+    evaluation passes (training split, val) per copy plus two on the model; over a run the copies
+    add about (k + 1) x epochs of single-head training: roughly 3x the baseline's training time
+    with two modalities, online or offline alike. `joint` adds only the two passes per estimate.
   - Evaluation protocol (ours for every method): the model is selected on val; the optimiser and
     schedule are the run's.
 """
