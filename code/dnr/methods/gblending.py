@@ -34,8 +34,12 @@ head k, measured on phi_N and on the copy after n epochs:
 version): the weights are re-estimated at the start of every super-epoch: 0-based epochs 0,
 W, W + n, W + 2n, ... with W = `--gblending_warmup` (the paper's Kinetics runs: 10) and
 n = `--gblending_super_epoch` (theirs: 5); each estimate looks as many epochs ahead as the
-super-epoch it serves lasts (the last one up to the end of the run). Offline (Algorithm 2): one
-estimate at epoch 0 looking over the whole run, then fixed weights.
+super-epoch it serves lasts (the last one up to the end of the run). Algorithm 3 as printed
+calls GB Estimate(phi_{N_i}, N_i + n), whose second argument Algorithm 1 names "# of epochs"; we
+read N_i + n as the epoch the copies train up to (n epochs), as the text says weights are computed
+"when training from N for n epochs". Offline (Algorithm 2): one estimate at epoch 0 looking over
+the whole run (GB Estimate(phi_0, N)), then fixed weights. The paper gives super-epochs for
+Kinetics only; they are the defaults here for every dataset.
 
 Remaining differences and their flags:
   - Held-out data: the paper holds out part of the *training* set (8% on Kinetics); here it is our
@@ -126,15 +130,16 @@ def blend_weights(before: Mapping[str, Tuple[float, float]], after: Mapping[str,
     return {k: v / total for k, v in raw.items()}, parts
 
 
-def parse_weights(text: str, heads: List[str]) -> Dict[str, float]:
-    """'audio=0.014,visual=0.63,fused=0.356' -> {head: weight}, one entry per head."""
+def parse_weights(text: str, heads: Optional[List[str]] = None) -> Dict[str, float]:
+    """'audio=0.014,visual=0.63,fused=0.356' -> {head: weight}, one entry per head of `heads`
+    (when given)."""
     out = {}
     for item in text.split(","):
         name, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--gblending_weights: {item!r} is not head=weight")
         out[name.strip()] = float(value)
-    if sorted(out) != sorted(heads):
+    if heads is not None and sorted(out) != sorted(heads):
         raise ValueError(f"--gblending_weights names {sorted(out)}; the heads are {sorted(heads)}")
     if any(v < 0 for v in out.values()):
         raise ValueError(f"--gblending_weights must be >= 0, got {out}")
@@ -225,8 +230,7 @@ class GradientBlending(Method):
                  (args.gblending_super_epoch >= 1,
                   f"--gblending_super_epoch must be >= 1, got {args.gblending_super_epoch}")])
         if args.gblending_weights is not None:
-            parse_weights(args.gblending_weights, [n.partition("=")[0].strip()
-                                                   for n in args.gblending_weights.split(",")])
+            parse_weights(args.gblending_weights)  # the head names are checked against the model's later
 
     @classmethod
     def build_model(cls, info, **model_args) -> nn.Module:
