@@ -345,3 +345,27 @@ def test_gblending_resume_matches_uninterrupted_run(tmp_path, monkeypatch, flags
     assert _results_without_timing(cut / "results.json") == _results_without_timing(full / "results.json")
     assert [r["train"]["loss"] for r in read_log(cut)] == [r["train"]["loss"] for r in read_log(full)]
     assert test_main.EXTRA["gblending"]  # the registry-wide end-to-end tests run it on a short schedule
+
+
+def test_gblending_copies_see_each_epochs_own_order():
+    """A copy's epoch e draws the run's epoch-e order (the sampler's (seed, epoch) seed); the
+    sampler is handed back set for the epoch the run is about to train."""
+    from dnr.distributed import EpochBatchSampler
+    from dnr.runtime import epoch_seed
+
+    model, _, _ = build("gblending")
+    ctx = fake_context(model)
+    sampler = EpochBatchSampler(16, B)
+    sampler.set_epoch(epoch_seed(0, 3))
+    ctx.train_loader = types.SimpleNamespace(batch_sampler=sampler)
+    seen, batches = [], ctx.train_batches
+
+    def recording(epoch):
+        seen.append((epoch, sampler.seed))
+        return batches(epoch)
+
+    ctx.train_batches = recording
+    args = make_args(**dict(RUN, epochs=6), gblending_warmup=0, gblending_super_epoch=2)
+    create_method("gblending", args, model, INFO).on_epoch_start(4, ctx)
+    assert seen == [(4, epoch_seed(0, 4)), (5, epoch_seed(0, 5))] * 3  # three heads, two epochs each
+    assert sampler.seed == epoch_seed(0, 3) and sampler.indices is None
