@@ -19,7 +19,7 @@ The model: the method builds one uni-modal head per modality, Linear(D_m, C) on 
 (`unimodal_heads`, as theirs), beside the run's fusion head. Each step (the authors' loss):
     L = sum over heads k of w_k CE(logits_k, y),   heads = every modality's head and "fused".
 Evaluation and model selection use the fused head only (as their test_net), so inference is the
-run's own.
+run's own. Because the uni-modal logits come from the method's own heads, it works with every fusion.
 
 The weights (paper, Algorithm 1 "GB Estimate", from the checkpoint phi_N for n epochs): for each
 head k, a copy of phi_N trained for n epochs on the training split with head k's loss alone (a
