@@ -38,6 +38,7 @@ EXTRA = {
     "umt": ["--umt_teacher_epochs", "1"],  # one-epoch teacher stages
     "ume": ["--ume_teacher_epochs", "1"],
     "sample_valuation": ["--sample_valuation_warmup", "1"],
+    "gblending": ["--gblending_warmup", "1", "--gblending_super_epoch", "2"],
 }
 # D&R needs a diagnosis followed by a training epoch: three epochs, a diagnosis after the second.
 D_AND_R = ["--epochs", "3", "--reinit_epoch", "1", "--reinit_num", "1"]

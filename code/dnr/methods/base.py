@@ -51,7 +51,9 @@ class TrainContext:
     samples, evaluation transform) and "val", `train_batches(epoch)` (this epoch's training
     batches as the loop will see them: same order, training transform), the run folder, and
     `run_stage(name, **flags)`, which runs this trainer with other flags into <out>/<name>
-    (resuming it if it was cut, re-reading it if it finished) and returns that run's folder."""
+    (resuming it if it was cut, re-reading it if it finished) and returns that run's folder, and
+    `extract_features_of(model, split)`: as `extract_features`, for another model than the run's
+    (a method's side copy, e.g. Gradient-Blending's), never cached."""
 
     model: nn.Module
     device: object
@@ -64,6 +66,7 @@ class TrainContext:
     run_stage: Optional[Callable[..., Path]] = None
     train_loader: Optional[DataLoader] = None  # this process's shard of every training batch
     train_transform: Optional[DeviceTransform] = None  # the device transform training batches get
+    extract_features_of: Optional[Callable[[nn.Module, str], Tuple[Mapping[str, Tensor], Tensor]]] = None
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         """This epoch's training batches (this process's shard), on the device, augmented as in
