@@ -42,6 +42,8 @@ Remaining differences and their flags:
   - `--cml_ce full`: cross-entropy on the full input only (theirs averages it over the M inputs).
   - `--cml_impute`: see above (input-level mean imputation would need the training mean of every
     modality's raw input and evaluation-mode encoder passes; not implemented).
+  - One optimiser step per batch, as every method here: their MIWAE script takes 5 steps on each
+    batch (same masks; `step = [0, 0, 5]`), their CPM-Nets code 5 full-batch steps per epoch.
   - Under DistributedDataParallel each process draws its own orders and takes its own batch mean.
   - Three or more modalities: the chain of step 2 has M inputs, as in their code for any number of
     views.
