@@ -52,8 +52,12 @@ def start_projector(width, seed=5):
     return p / torch.linalg.matrix_norm(p)
 
 
-def authors_step(model, opt, x, y, P, count, variant=None):
-    """Their gs_flag batch on a copy of the model and optimiser; returns (state, P, count)."""
+def authors_step(model, opt, x, y, P, count, projection="released", variant=None):
+    """Their gs_flag batch on a copy of the model and optimiser; returns (state, P, count).
+    `projection`: "released" = their code as it runs (before_update's name test, "module.weight",
+    never matches the head's "weight": nothing happens), "written" = the rule in the body of that test
+    (live in 4735bbc, which also accepted "weight"), "owm" = the same with the scalar denominator
+    alpha + r P r^T of the orthogonal-weight-modification recursion (the paper's equation)."""
     ref = copy.deepcopy(model)
     ref_opt = optimiser(ref)
     ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # its buffers, not shared ones
@@ -69,13 +73,13 @@ def authors_step(model, opt, x, y, P, count, variant=None):
     for m in INFO.modality_names:
         logits = early[m] if variant == "stale_head" else fc(feats[m])
         F.cross_entropy(logits, y).backward(retain_graph=variant == "stale_head")
-        if variant != "no_projection" and (count != 0 or variant == "project_first_step"):
+        if projection != "released" and (count != 0 or variant == "project_first_step"):
             exponent = STEP / STEPS + (0 if variant == "alpha_without_one" else 1)
             alpha = 1.0 * 0.1 ** exponent
             r = feats[m].detach().mean(0, keepdim=True)  # (1, D)
             old = P
             k = P @ r.t()  # (D, 1)
-            denom = alpha + (r @ k if variant == "scalar_denominator" else k @ r)
+            denom = alpha + (r @ k if projection == "owm" else k @ r)  # (1, 1), or (D, D) element-wise
             P = P - k @ k.t() / denom
             if variant != "no_normalisation":
                 P = P / torch.linalg.matrix_norm(P)
@@ -102,12 +106,12 @@ def project_step(model, opt, x, y, P, count, **flags):
     return state(model), method
 
 
-def mla_compare(variant=None, count=7, **flags):
+def mla_compare(projection="released", variant=None, count=7, **flags):
     model, x, y = build("mla", seed=2)
     opt = primed(model)
     P = start_projector(model.fusion.width)
     before = state(model)
-    want, want_P, want_count = authors_step(model, opt, x, y, P, count, variant)
+    want, want_P, want_count = authors_step(model, opt, x, y, P, count, projection, variant)
     got, method = project_step(model, opt, x, y, P, count, **flags)
     problems = differences(before, got, want)
     if not torch.allclose(method.projector, want_P, atol=1e-6, rtol=1e-5):
@@ -117,30 +121,35 @@ def mla_compare(variant=None, count=7, **flags):
     return problems
 
 
-def test_mla_step_equals_the_authors_update():
-    assert mla_compare() == []
+FLAG = {"released": {}, "written": {"mla_projection": "written"}, "owm": {"mla_projection": "owm"}}
+
+
+@pytest.mark.parametrize("projection", sorted(FLAG))
+def test_mla_step_equals_the_authors_update(projection):
+    assert mla_compare(projection, **FLAG[projection]) == []
+    for other in set(FLAG) - {projection}:  # and no other reading of their code
+        assert mla_compare(other, **FLAG[projection]) != [], other
 
 
 def test_mla_first_step_of_the_run_is_not_projected():
-    assert mla_compare(count=0) == []
-    assert mla_compare("project_first_step", count=0) != []
+    assert mla_compare("written", count=0, **FLAG["written"]) == []
+    assert mla_compare("written", "project_first_step", count=0, **FLAG["written"]) != []
 
 
-@pytest.mark.parametrize("variant,flags", [
-    ("scalar_denominator", {"mla_projection": "owm"}),
-    ("no_projection", {"mla_projection": "off"}),
-    ("delete_grads", {"mla_zero_grad": "none"}),
-])
-def test_mla_flags_equal_their_variants(variant, flags):
-    assert mla_compare(variant, **flags) == []
-    assert mla_compare(variant) != []  # and the default is not the variant
+def test_mla_zero_grad_flag_equals_deleting_gradients():
+    assert mla_compare(variant="delete_grads", mla_zero_grad="none") == []
+    assert mla_compare(variant="delete_grads") != []
 
 
-@pytest.mark.parametrize("variant", ["scalar_denominator", "no_projection", "delete_grads", "stale_head",
-                                     "joint_loss", "alpha_without_one", "no_normalisation",
-                                     "project_with_old_P", "project_bias_too"])
-def test_mla_comparison_fails_on_a_broken_update(variant):
-    assert mla_compare(variant) != []
+@pytest.mark.parametrize("variant", ["delete_grads", "stale_head", "joint_loss"])
+def test_mla_comparison_fails_on_a_broken_alternation(variant):
+    assert mla_compare(variant=variant) != []
+
+
+@pytest.mark.parametrize("variant", ["alpha_without_one", "no_normalisation", "project_with_old_P",
+                                     "project_bias_too", "stale_head"])
+def test_mla_comparison_fails_on_a_broken_projection(variant):
+    assert mla_compare("written", variant, **FLAG["written"]) != []
 
 
 def test_mla_each_sub_step_moves_its_own_encoder():
@@ -247,12 +256,12 @@ def test_mla_model_evaluates_with_the_fusion_and_keeps_its_settings():
 
 def test_mla_resume_restores_the_projector_and_the_count():
     model, x, y = build("mla", seed=2)
-    method = create_method("mla", make_args(), model, INFO)
+    method = create_method("mla", make_args(mla_projection="owm"), model, INFO)  # a projector that moves
     opt = optimiser(model)
     for step in range(2):
         method.train_step(model.train(), Batch(x, y, torch.arange(B), 0, step), Updater(model, opt, "cpu"))
     saved = copy.deepcopy(method.state_dict())
-    other = create_method("mla", make_args(), build("mla", seed=2)[0], INFO)
+    other = create_method("mla", make_args(mla_projection="owm"), build("mla", seed=2)[0], INFO)
     other.load_state_dict(saved)
     assert other.sub_steps == 4 and torch.equal(other.projector, method.projector)
     assert not torch.allclose(other.projector, torch.eye(other.projector.shape[0]))  # it has moved
@@ -294,7 +303,8 @@ def test_mla_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     sys.path.insert(0, str(CODE))
     import main as trainer
 
-    common = TINY + ["--method", "mla", "--reinit_epoch", "0", "--no-probe", "--deterministic", "--device", "cpu"]
+    common = TINY + ["--method", "mla", "--mla_projection", "owm", "--reinit_epoch", "0", "--no-probe",
+                     "--deterministic", "--device", "cpu"]
 
     def weights(out):
         return torch.load(out / "last.pth", weights_only=True)["model"]

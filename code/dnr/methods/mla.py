@@ -19,17 +19,30 @@ s_m = h(z_m). Features narrower than the widest modality's D are zero-padded to 
 Training, one batch (modalities in the dataset's order; their a, v, then t):
   1. one forward pass of every encoder (training mode): z_m for all m;
   2. for each modality m in turn: s_m = h(z_m) with the head as the previous sub-step left it,
-     loss_m = CE(s_m, y), backward (into encoder m and the head), then the gradient modification of
-     the head's weight (below), then one optimiser step; after it the gradients are set to zero,
-     not deleted (torch 1.8.1's `zero_grad`), so a later sub-step of the same batch also moves
-     the parameters stepped before it, by momentum and weight decay alone (`--mla_zero_grad`);
+     loss_m = CE(s_m, y), backward (into encoder m and the head), the gradient modification of the
+     head's weight (below), then one optimiser step; after it the gradients are set to zero, not
+     deleted (torch 1.8.1's `zero_grad`, their pinned version), so a later sub-step of the same
+     batch moves the parameters stepped before it again, by momentum and weight decay alone;
   3. after the last modality every gradient is deleted, so the next batch starts from none.
-Gradient modification (their `GSPlugin.before_update`), on every sub-step but the run's very first:
-  r = mean over the batch of z_m (1, D);  k = P r^T (D, 1);  alpha = 0.1 ** (1 + step / steps),
-  step the 0-based batch index in the epoch and steps the batches per epoch;
-  P <- P - (k k^T) / (alpha + k r), where k r is the (D, D) outer product and the division is
-  element by element (their `torch.mm(k, r)`);  P <- P / ||P||_F;  grad W <- grad W P^T.
-  P starts as the (D, D) identity; only the head's weight is projected, never its bias.
+Gradient modification (their `GSPlugin.before_update`, called after every sub-step's backward):
+  their released code never changes the gradient. The plugin is handed the head itself, whose
+  weight is named "weight", and it acts only on a parameter named "module.weight"; the "Fix bugs"
+  commit (11ae1ee) narrowed the test to that name from `"module.weight" or "weight"` (4735bbc, which
+  could not run: the plugin class was never instantiated). So by default (`--mla_projection off`)
+  nothing is projected, as their code runs. `--mla_projection written` applies the rule in the body
+  of that test, on every sub-step but the run's very first (their exp_count != 0):
+    r = mean over the batch of z_m (1, D);  k = P r^T (D, 1);  alpha = 0.1 ** (1 + step / steps),
+    step the 0-based batch index in the epoch and steps the batches per epoch;
+    P <- P - (k k^T) / (alpha + k r), where k r is the (D, D) outer product and the division is
+    element by element (their `torch.mm(k, r)`);  P <- P / ||P||_F;  grad W <- grad W P^T,
+  P starting as the (D, D) identity; only the head's weight is projected, never its bias. That
+  element-wise P is not symmetric and not positive semi-definite (after one update with
+  non-negative features its symmetric part has an eigenvalue near -1, and grad W P^T is about
+  orthogonal to grad W): on the built-in dataset (200 training samples, SGD lr 0.01) its training
+  loss rose from 2.9 to 21 in three epochs, where `off` and `owm` fell. `--mla_projection owm`
+  divides by the scalar alpha + r P r^T instead (the orthogonal-weight-modification recursion,
+  P - P r^T r P / (alpha + r P r^T), that the paper's gradient modification follows), the rest
+  (alpha, the Frobenius normalisation, the order) unchanged.
 Test-time fusion (`valid` with --dynamic, the paper's uncertainty-based fusion), inside the model's
 forward so that validation, model selection and the test numbers all use it:
   H_m = -sum over the batch and the classes of p log p with p = softmax(s_m) over the *batch*
@@ -38,15 +51,11 @@ forward so that validation, model selection and the test numbers all use it:
   The per-modality logits s_m are the model's uni-modal logits (acc_<modality>).
 
 Remaining differences and their flags:
-  - `--mla_projection code` (default) is their rule as written above. Their released code never
-    applies it: `before_update` receives the head itself, whose weight is named "weight", and the
-    "Fix bugs" commit (11ae1ee) narrowed the name test to "module.weight" (4735bbc accepted both);
-    `--mla_projection off` runs the code as released. `--mla_projection owm` divides by the scalar
-    alpha + r P r^T instead (the orthogonal-weight-modification recursion the paper's gradient
-    modification follows), the rest unchanged.
+  - `--mla_projection written` / `owm`: see above (the default is their code as it runs).
   - `--mla_zero_grad none` deletes the gradients after each sub-step (PyTorch >= 2.0's default), so
     a sub-step moves only the parameters its own loss reached.
-  - `--mla_fusion fixed` is their "fixed fusion" (weights `--mla_fixed_weights`; theirs 0.55, 0.45
+  - Their README's dynamic-fusion command passes `-dynamic`, which their argparse rejects; the flag
+    is --dynamic. `--mla_fusion fixed` is their "fixed fusion" (weights `--mla_fixed_weights`; theirs 0.55, 0.45
     for two modalities and 0.35, 0.25, 0.4 for three, in their a, v, t order, here the dataset's).
   - `--mla_entropy sample` computes one entropy per sample over its classes (softmax over the
     classes, the paper's equation) and fuses sample by sample.
@@ -170,10 +179,10 @@ def projection_alpha(step: int, steps: int) -> float:
     return 0.1 ** (step / steps + 1)
 
 
-def update_projector(P: Tensor, r: Tensor, alpha: float, rule: str = "code") -> Tensor:
+def update_projector(P: Tensor, r: Tensor, alpha: float, rule: str = "written") -> Tensor:
     """One update of the (D, D) projector with the (1, D) mean feature r, then P / ||P||_F."""
     k = P @ r.t()  # (D, D) @ (D, 1) -> (D, 1)
-    denom = alpha + (k @ r if rule == "code" else r @ k)  # (D, D) element by element, or (1, 1)
+    denom = alpha + (r @ k if rule == "owm" else k @ r)  # (1, 1), or (D, D) divided element by element
     P = P - (k @ k.t()) / denom
     return P / torch.linalg.matrix_norm(P)
 
@@ -187,10 +196,11 @@ class MLA(Method):
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--mla_projection", choices=("code", "owm", "off"), default="code",
-                           help="gradient modification of the shared head: the authors' rule (element-wise "
-                                "denominator), the OWM recursion's scalar denominator, or none, as their released "
-                                "code runs (its name test never matches) (default: %(default)s)")
+        group.add_argument("--mla_projection", choices=("off", "written", "owm"), default="off",
+                           help="gradient modification of the shared head: none, as the authors' released code runs "
+                                "(its parameter-name test never matches); their rule as written (element-wise "
+                                "denominator); or the OWM recursion's scalar denominator, the paper's "
+                                "(default: %(default)s)")
         group.add_argument("--mla_zero_grad", choices=("zeros", "none"), default="zeros",
                            help="after each modality's step set gradients to zero (torch 1.8.1, the authors': later "
                                 "steps of the batch move the earlier-stepped parameters by momentum and weight "
