@@ -278,10 +278,18 @@ def test_mla_unequal_widths_are_zero_padded():
     ({"fusion": "sum"}, "--fusion"),
     ({"mla_entropy_group": -1}, "--mla_entropy_group"),
     ({"mla_fixed_weights": "a,b"}, "--mla_fixed_weights"),
+    ({"batch_size": 16, "eval_batch_size": 24}, "--eval_batch_size"),
+    ({"batch_size": 16, "mla_entropy_group": 5}, "--mla_entropy_group"),
 ])
 def test_mla_refuses_bad_flags(flags, needle):
     with pytest.raises(ValueError, match=needle):
         MLA.check_args(make_args(**flags))
+
+
+def test_mla_accepts_evaluation_batches_made_of_whole_groups():
+    MLA.check_args(make_args(batch_size=16, eval_batch_size=0))  # 32: two groups of the batch size
+    MLA.check_args(make_args(batch_size=16, eval_batch_size=24, mla_entropy="sample"))  # no groups
+    MLA.check_args(make_args(batch_size=16, eval_batch_size=24, mla_fusion="fixed"))
 
 
 def test_mla_fixed_weights_must_match_the_modalities():

@@ -62,8 +62,10 @@ Remaining differences and their flags:
   - Their evaluation batches are as large as their training batches (64), and with the batch
     entropy a prediction depends on its batch: `--mla_entropy_group` (default: the run's
     --batch_size) splits every forward batch into consecutive groups of that many samples, each
-    with its own weights, so the result does not depend on --eval_batch_size. A group that holds
-    one sample has zero batch entropy for every modality: equal weights.
+    with its own weights; a training run refuses an --eval_batch_size that is not a multiple of it,
+    so the result does not depend on how evaluation cuts its batches (--eval_only with another
+    --eval_batch_size, or several processes, each evaluating its own shard, group differently).
+    A group of one sample has zero batch entropy for every modality: equal weights.
   - p log p is computed with log_softmax: a probability that underflows to zero adds 0 (theirs NaN).
   - The model's fusion settings are buffers of the shared head (`fusion_mode`, `fixed_weights`,
     `entropy_group`), so best.pth evaluates (--eval_only) with the fusion it was selected with.
@@ -228,6 +230,14 @@ class MLA(Method):
                   f"--method mla brings its own shared head and test-time fusion; leave --fusion at concat, got "
                   f"{getattr(args, 'fusion', None)!r}")])
         cls.fixed_weights(args)  # parses (the count is checked once the modalities are known)
+        if args.mla_fusion == "dynamic" and args.mla_entropy == "batch":
+            batch = getattr(args, "batch_size", 0)
+            group = args.mla_entropy_group or batch
+            eval_bs = getattr(args, "eval_batch_size", 0) or 2 * batch
+            if group and eval_bs % group:
+                raise ValueError(f"--eval_batch_size ({eval_bs}) must be a multiple of --mla_entropy_group ({group}; "
+                                 f"0 = --batch_size): the batch entropy's groups must not depend on how evaluation "
+                                 f"cuts its batches")
 
     @staticmethod
     def fixed_weights(args, count: Optional[int] = None) -> Optional[List[float]]:
