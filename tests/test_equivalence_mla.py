@@ -6,9 +6,12 @@ Adaptation at ab6c184:
                       v (, t): logits = fc_out(feature) with the head as the previous step left it,
                       CE, backward, gs_plugin.before_update, optimizer.step, optimizer.zero_grad,
                       exp_count += 1; after the batch every .grad is deleted)
-  utils/utils.py L24-41 (before_update: skipped while exp_count == 0; alpha = 0.1 ** (step / len + 1);
-                      r = batch mean of the feature; k = P r^T; P -= k k^T / (alpha + k r) with k r
-                      an outer product, element-wise division; P /= ||P||_F; grad W <- grad W P^T)
+  utils/utils.py L24-41 (before_update: acts only on a parameter named "module.weight", which the
+                      head it is handed (its weight is "weight") never has, so as released it does
+                      nothing; the body of that test: skipped while exp_count == 0; alpha = 0.1 **
+                      (step / len + 1); r = batch mean of the feature; k = P r^T; P -= k k^T /
+                      (alpha + k r) with k r an outer product, element-wise division; P /= ||P||_F;
+                      grad W <- grad W P^T)
   main.py L65-87, L636-646 (test time: entropy of softmax over dim 0, i.e. over the batch, summed
                       over everything; weights exp(max H - H_m) normalised; fused = sum w_m logits_m)
   requirements.txt   (torch 1.8.1: zero_grad() zeroes gradients in place instead of deleting them)
@@ -20,7 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_equivalence import INFO, LR, MOMENTUM, WD, B, build, differences, make_args, state, tiny_encoder  # noqa: F401 (the autouse fixture that registers the tiny encoder)
+from test_equivalence import INFO, LR, MOMENTUM, WD, B, build, differences, make_args, state
+from test_equivalence import tiny_encoder  # noqa: F401  (the autouse fixture that registers the tiny encoder)
 from dnr.data import DatasetInfo, ModalitySpec
 from dnr.methods import create_method
 from dnr.methods.mla import MLA, SharedHead, fuse

@@ -142,7 +142,6 @@ class SharedHead(nn.Module):
     def __init__(self, dims: Dict[str, int], num_classes: int):
         super().__init__()
         self.names = list(dims)
-        self.dims = dict(dims)
         self.width = max(dims.values())
         self.fc = nn.Linear(self.width, num_classes)
         nn.init.xavier_normal_(self.fc.weight)  # their weight_init
@@ -192,8 +191,8 @@ def update_projector(P: Tensor, r: Tensor, alpha: float, rule: str = "written") 
 @register_method
 class MLA(Method):
     name = "mla"
-    help = ("MLA (CVPR 2024): alternating uni-modal steps through one shared head, its gradient projected; "
-            "entropy-weighted fusion at test time")
+    help = ("MLA (CVPR 2024): alternating uni-modal steps through one shared head (its gradient projection a "
+            "flag); entropy-weighted fusion at test time")
     min_modalities = 2
 
     @classmethod
