@@ -40,9 +40,10 @@ Gradient modification (their `GSPlugin.before_update`, called after every sub-st
   non-negative features its symmetric part has an eigenvalue near -1, and grad W P^T is about
   orthogonal to grad W): on the built-in dataset (200 training samples, SGD lr 0.01) its training
   loss rose from 2.9 to 21 in three epochs, where `off` and `owm` fell. `--mla_projection owm`
-  divides by the scalar alpha + r P r^T instead (the orthogonal-weight-modification recursion,
-  P - P r^T r P / (alpha + r P r^T), that the paper's gradient modification follows), the rest
-  (alpha, the Frobenius normalisation, the order) unchanged.
+  divides by the scalar alpha + r P r^T instead: the recursion of orthogonal weight modification
+  (OWM, Zeng et al. 2019), P - P r^T r P / (alpha + r P r^T), on which the paper bases its
+  gradient modification (the paper's own equation was not at hand when this was written); the
+  rest (alpha, the Frobenius normalisation, the order) unchanged.
 Test-time fusion (`valid` with --dynamic, the paper's uncertainty-based fusion), inside the model's
 forward so that validation, model selection and the test numbers all use it:
   H_m = -sum over the batch and the classes of p log p with p = softmax(s_m) over the *batch*
@@ -58,7 +59,8 @@ Remaining differences and their flags:
     is --dynamic. `--mla_fusion fixed` is their "fixed fusion" (weights `--mla_fixed_weights`; theirs 0.55, 0.45
     for two modalities and 0.35, 0.25, 0.4 for three, in their a, v, t order, here the dataset's).
   - `--mla_entropy sample` computes one entropy per sample over its classes (softmax over the
-    classes, the paper's equation) and fuses sample by sample.
+    classes: our reading of the paper's per-prediction uncertainty, and their commented-out line)
+    and fuses sample by sample.
   - Their evaluation batches are as large as their training batches (64), and with the batch
     entropy a prediction depends on its batch: `--mla_entropy_group` (default: the run's
     --batch_size) splits every forward batch into consecutive groups of that many samples, each
@@ -200,7 +202,7 @@ class MLA(Method):
         group.add_argument("--mla_projection", choices=("off", "written", "owm"), default="off",
                            help="gradient modification of the shared head: none, as the authors' released code runs "
                                 "(its parameter-name test never matches); their rule as written (element-wise "
-                                "denominator); or the OWM recursion's scalar denominator, the paper's "
+                                "denominator); or the OWM recursion's scalar denominator, the paper's basis "
                                 "(default: %(default)s)")
         group.add_argument("--mla_zero_grad", choices=("zeros", "none"), default="zeros",
                            help="after each modality's step set gradients to zero (torch 1.8.1, the authors': later "
@@ -211,7 +213,8 @@ class MLA(Method):
                                 "weights (default: %(default)s)")
         group.add_argument("--mla_entropy", choices=("batch", "sample"), default="batch",
                            help="dynamic fusion: one entropy per modality and batch, softmax over the batch (the "
-                                "authors' code) or one per sample over the classes (the paper) (default: %(default)s)")
+                                "authors' code) or one per sample over the classes (our reading of the paper) "
+                                "(default: %(default)s)")
         group.add_argument("--mla_entropy_group", type=int, default=0,
                            help="batch entropy over consecutive groups of this many samples; 0 = the run's "
                                 "--batch_size (the authors evaluate in batches of their training size) "
