@@ -7,7 +7,7 @@ method) reads the registry.
 """
 from .base import METHODS, Method, TrainContext, create_method, register_method
 from .diagnosis import PurityTracker, add_diagnosis_args, make_relearner, make_tracker
-from . import relearn, unimodal, ogm_ge, pmr, mmpareto, agm, opm  # noqa: F401,E402  (register themselves)
+from . import relearn, unimodal, ogm_ge, pmr, mmpareto, agm, opm, greedy  # noqa: F401,E402  (register themselves)
 
 __all__ = ["METHODS", "Method", "TrainContext", "create_method", "register_method",
            "add_diagnosis_args", "make_relearner", "PurityTracker", "make_tracker"]
