@@ -170,9 +170,12 @@ def reference_update(model, x, y, cb, epoch, starts, variant=None):
     loss = reference_loss(model, x, y, cb.curation_mode, cb.caring_modality, variant)
     loss.backward()
     cb.on_backward_end(model, unlock=epoch >= starts)
-    # A held modality's excitation layers get no gradient: the optimiser skips them (their optimiser,
-    # without momentum or weight decay, leaves them as they are too).
-    grads = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}
+    # A held modality's excitation layers take no part in the loss; the PyTorch of their time had
+    # zero_grad fill zeros, so the optimiser (momentum, weight decay) still sees a zero gradient.
+    if variant == "held_without_gradient":
+        grads = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}
+    else:
+        grads = {p: torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()}
     return reference_step(model, grads)
 
 
@@ -261,6 +264,7 @@ def test_greedy_own_average_flag_equals_the_fixed_running_mean():
     ("before_start", "squeeze_not_shared"),      # fc_squeeze counted for neither modality
     ("switch", "not_cumulative"),                # this step's ratio instead of the sum over steps
     ("rebalance_audio_last", "window_plus_one"),  # windows one step too long
+    ("rebalance_visual", "held_without_gradient"),  # the held excitation layer skipped by the optimiser
 ])
 def test_greedy_comparison_fails_on_a_broken_update(case, variant):
     assert compare(case, variant) != []
@@ -283,7 +287,7 @@ def test_greedy_several_steps_follow_the_authors_switch():
         model.train()
         method.train_step(model, Batch(batch, y, torch.arange(B), 0, step), update)
         ref_model.train()
-        ref_opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=False)  # zeros, as their PyTorch's zero_grad
         reference_loss(ref_model, batch, y, cb.curation_mode, cb.caring_modality).backward()
         cb.on_backward_end(ref_model, unlock=True)
         ref_opt.step()

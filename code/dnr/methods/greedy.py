@@ -45,7 +45,11 @@ Remaining differences and their flags:
     from the checkpoint's model arguments, which do not hold method flags.
   - Their encoders see single images; for frames (B, T, C, H, W) folded into the batch, the
     squeeze averages over frames and positions and the gate applies to every frame.
-  - Parameters without a gradient count as zero (their code would fail on them).
+  - In a re-balancing step the held modality's excitation layers get a zero gradient, so the
+    optimiser's momentum and weight decay still move them: their code under the PyTorch of its
+    time (zero_grad filled zeros); with their optimiser (no momentum, no weight decay) the layers
+    stay put either way.
+  - Parameters without a gradient count as zero in the speeds (their code would fail on them).
   - Under DistributedDataParallel the gradients are averaged before d is computed, so every
     process switches alike; the running means are broadcast from rank 0 with the buffers.
   - The paper's conditional utilisation rate (an analysis run on a trained model) is not computed.

@@ -15,7 +15,8 @@ so far; their code feeds the gate of modality 0 into *both* running means (`vis_
 L114), which we reproduce unless `own_average` is set. In a re-balancing step for modality m
 ("curation mode, caring modality m" in their code) g_m is replaced by a_m (updated with this
 batch first, no gradient): branch m gets no information from the other modality, while the
-other branch still does.
+other branch still does. m's excitation layers then get a zero gradient (their PyTorch's
+`zero_grad` filled zeros), so momentum and weight decay still move them.
 
 Frames ((B, T, C, H, W), folded into the batch by the encoder): the squeeze averages over frames
 and positions, one gate per clip applied to every frame (their views are single images).
@@ -71,7 +72,10 @@ class MMTM(nn.Module):
             if caring not in gates:
                 raise KeyError(f"re-balancing modality {caring!r} is not one of {list(self.names)}")
             held = self.average(caring).clone().to(gates[caring].dtype)  # updated with this batch already
-            gates[caring] = held.expand_as(gates[caring])
+            # + 0 * gate: the same values, and a zero (not a missing) gradient for this modality's
+            # excitation layer, as their PyTorch's zero_grad left it; DistributedDataParallel needs
+            # every parameter in the graph.
+            gates[caring] = held.expand_as(gates[caring]) + 0 * gates[caring]
         return gates
 
     @torch.no_grad()
