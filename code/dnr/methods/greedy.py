@@ -63,8 +63,9 @@ from __future__ import annotations
 import argparse
 import math
 import random
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -76,24 +77,30 @@ from .mmtm import AVERAGE_PASSES, MMTMClassifier
 MODES = ("guided", "random")
 
 
-def squared_ratio(params: Iterable[Tensor]) -> float:
-    """|grad|^2 / |theta|^2 summed over a group of parameters (a missing gradient counts as zero)."""
-    gn = wn = 0.0
-    for p in params:
-        wn += float(p.detach().double().pow(2).sum())
-        if p.grad is not None:
-            gn += float(p.grad.detach().double().pow(2).sum())
-    return gn / wn
+def squared_norms(params: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(|theta|^2, |grad|^2) summed over a group of parameters, as float64 tensors on their device
+    (a missing gradient counts as zero)."""
+    weights = torch.stack([p.detach().double().pow(2).sum() for p in params]).sum()
+    grads = [p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None]
+    return weights, (torch.stack(grads).sum() if grads else torch.zeros_like(weights))
 
 
 def speed_ratios(net: MMTMClassifier) -> Dict[str, Dict[str, float]]:
-    """{"bypass": {m: ratio}, "main": {m: ratio}} of this step's gradients (module docstring)."""
+    """{"bypass": {m: |grad|^2 / |theta|^2}, "main": {m: ...}} of this step's gradients (module
+    docstring); one transfer from the device for all of them."""
     shared = [p for block in net.mmtm.values() for p in block.squeeze.parameters()]
-    out = {"bypass": {}, "main": {}}
+    keys, sums = [], []
     for m in net.modalities:
         own = [p for block in net.mmtm.values() for p in block.excite[m].parameters()]
-        out["bypass"][m] = squared_ratio(shared + own)
-        out["main"][m] = squared_ratio(list(net.encoders[m].parameters()) + list(net.heads[m].parameters()))
+        groups = {"bypass": shared + own,
+                  "main": list(net.encoders[m].parameters()) + list(net.heads[m].parameters())}
+        for kind, params in groups.items():
+            keys.append((kind, m))
+            sums.extend(squared_norms(params))
+    values = torch.stack(sums).tolist()  # [w, g, w, g, ...]
+    out: Dict[str, Dict[str, float]] = {"bypass": {}, "main": {}}
+    for i, (kind, m) in enumerate(keys):
+        out[kind][m] = values[2 * i + 1] / values[2 * i]
     return out
 
 
