@@ -25,8 +25,8 @@ d = BDR_0 - BDR_1. The switch (their callback, `--greedy_threshold` 0.01, `--gre
   - afterwards, outside re-balancing: d is computed; if |d| > threshold the next `window` steps are
     re-balancing steps for modality 0 if d > 0, modality 1 if d < 0; inside them d is neither
     computed nor accumulated, and the step after the last one computes it again.
-A re-balancing step for m holds m's MMTM gates at their running means (no gradient), so branch m
-learns from its own modality only. Modality 0 is the dataset's first modality.
+A re-balancing step for m holds m's MMTM gates at their running means (nothing flows back through
+them), so branch m learns from its own modality only. Modality 0 is the dataset's first modality.
 
 Remaining differences and their flags:
   - `--greedy_own_average`: their code feeds modality 0's gates into both running means (the
