@@ -408,7 +408,9 @@ def train(args: argparse.Namespace, out: Path, d, device, saved) -> dict:
     ctx = TrainContext(model=net, device=device, info=info, args=args, extract_features=features,
                        is_main=main_proc, broadcast=dist.broadcast_object, out=out,
                        run_stage=lambda name, **flags: run_stage(args, out, name, **flags),
-                       train_loader=train_loader, train_transform=train_transform)
+                       train_loader=train_loader, train_transform=train_transform,
+                       evaluate=lambda split: forward_pass(model, evals[split], device, features=True, amp=amp,
+                                                           device_transform=eval_transform))
     if main_proc:
         say(describe_run(args, splits, net, device, d, out))
         say("columns: " + EPOCH_LEGEND.replace("(val)", f"({args.select_on})"))

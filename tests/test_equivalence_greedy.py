@@ -424,3 +424,83 @@ def test_greedy_resume_restores_the_switch_and_running_means(tmp_path):
     assert [r["val"] for r in read_log(cut)] == [r["val"] for r in read_log(full)]
     saved = torch.load(cut / "last.pth", weights_only=True)
     assert saved["method"]["switch"]["steps"] == 6  # 40 samples, batches of 16: 3 steps an epoch
+
+
+# ------------------------------------------------------------------ conditional utilisation
+def test_greedy_alone_gates_follow_turnoff_cross_modal_flow():
+    """balanced_mmtm.py L72-91: with the cross-modal flow turned off, a modality's gates come from
+    its own squeeze and the other's mean squeeze over the recorded (training) samples; the
+    recording and alone passes leave the running means and pass counts as they were."""
+    model, x, y = build()
+    model.eval()
+    train_x = {m: v * 1.5 - 0.2 for m, v in x.items()}
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    recorded = {}
+    with torch.no_grad():
+        # re-derivation: the squeezes each block sees on the training batch (plain model)
+        h = {}
+        for m in NAMES:
+            net = model.encoders[m].net
+            xm = train_x[m].reshape(-1, *train_x[m].shape[-3:])
+            h[m] = net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(xm)))))
+        for i in (2, 3, 4):
+            h = {m: getattr(model.encoders[m].net, f"layer{i}")(h[m]) for m in NAMES}
+            t = {"audio": 1, "visual": 2}
+            sq = {m: h[m].reshape(h[m].shape[0], h[m].shape[1], -1).mean(-1).reshape(B, t[m], -1).mean(1)
+                  for m in NAMES}
+            recorded[i] = {m: sq[m].mean(0) for m in NAMES}
+            block = model.mmtm[str(i)]
+            e = torch.relu(block.squeeze(torch.cat([sq["audio"], sq["visual"]], 1)))
+            g = {m: torch.sigmoid(block.excite[m](e)) for m in NAMES}
+            h = {m: h[m] * g[m].repeat_interleave(t[m], 0)[:, :, None, None] for m in NAMES}
+        with model.analysis("record"):
+            model(train_x)
+        for i in (2, 3, 4):
+            for m in NAMES:
+                got = model.mmtm[str(i)].recorded[m]
+                assert torch.allclose((got[:-1] / got[-1]).float(), recorded[i][m], atol=1e-6)
+        with model.analysis("alone"):
+            alone = model(x)
+        # re-derivation of the alone pass on x
+        h = {}
+        for m in NAMES:
+            net = model.encoders[m].net
+            xm = x[m].reshape(-1, *x[m].shape[-3:])
+            h[m] = net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(xm)))))
+        for i in (2, 3, 4):
+            h = {m: getattr(model.encoders[m].net, f"layer{i}")(h[m]) for m in NAMES}
+            sq = {m: h[m].reshape(h[m].shape[0], h[m].shape[1], -1).mean(-1).reshape(B, t[m], -1).mean(1)
+                  for m in NAMES}
+            block = model.mmtm[str(i)]
+            mean = {m: recorded[i][m].expand(B, -1) for m in NAMES}
+            g = {"audio": torch.sigmoid(block.excite["audio"](torch.relu(block.squeeze(
+                     torch.cat([sq["audio"], mean["visual"]], 1))))),
+                 "visual": torch.sigmoid(block.excite["visual"](torch.relu(block.squeeze(
+                     torch.cat([mean["audio"], sq["visual"]], 1)))))}
+            h = {m: h[m] * g[m].repeat_interleave(t[m], 0)[:, :, None, None] for m in NAMES}
+        for m in NAMES:
+            z = torch.flatten(model.encoders[m].net.avgpool(h[m]), 1).reshape(B, t[m], -1).mean(1)
+            assert torch.allclose(alone.unimodal_logits[m], model.heads[m](z), atol=1e-5)
+        for k, v in model.state_dict().items():  # the analysis passes moved no running mean
+            if ".average_" in k or k.endswith(".passes"):
+                assert torch.equal(v, kept[k]), k
+        plain = model(x)  # an ordinary evaluation pass counts (the authors' module)
+    assert int(model.mmtm["4"].passes) == int(kept["mmtm.4.passes"]) + 1
+    assert not torch.allclose(plain.unimodal_logits["audio"], alone.unimodal_logits["audio"], atol=1e-5)
+
+
+def test_greedy_utilization_is_logged_and_changes_no_training_number(tmp_path):
+    common = ["--method", "greedy", "--greedy_starts", "0", "--epochs", "2", "--deterministic", "--device", "cpu",
+              "--no-probe"]  # evaluation passes move the running means: the analysis must not
+    rc, plain = run(common, tmp_path, "plain")
+    assert rc == 0
+    rc, out = run(common + ["--greedy_utilization", "test"], tmp_path, "util")
+    assert rc == 0
+    log, log_plain = read_log(out), read_log(plain)
+    assert [r["train"]["loss"] for r in log] == [r["train"]["loss"] for r in log_plain]
+    assert [r["test"] for r in log] == [r["test"] for r in log_plain]
+    for r in log:
+        assert r["greedy_acc_audio"] == pytest.approx(r["test"]["acc_audio"])
+        assert r["greedy_acc_visual"] == pytest.approx(r["test"]["acc_visual"])
+        assert {"greedy_utilization_visual_given_audio", "greedy_utilization_audio_given_visual",
+                "greedy_acc_audio_alone", "greedy_acc_visual_alone"} <= set(r)

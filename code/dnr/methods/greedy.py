@@ -52,7 +52,11 @@ Remaining differences and their flags:
   - Parameters without a gradient count as zero in the speeds (their code would fail on them).
   - Under DistributedDataParallel the gradients are averaged before d is computed, so every
     process switches alike; the running means are broadcast from rank 0 with the buffers.
-  - The paper's conditional utilisation rate (an analysis run on a trained model) is not computed.
+  - `--greedy_utilization val|test` (off by default) logs the conditional utilisation rates
+    after every epoch (`conditional_utilization`); their code records the squeezes with a
+    separate evaluation run on a trained model and leaves the rate's arithmetic to the reader:
+    u(other | m) = (A_m - A_m,alone) / A_m is our reading. Its passes leave the running means
+    alone (theirs update them, which does not matter in a separate run).
   - Evaluation protocol (ours for every method): the model is selected on val, with the run's
     optimiser and schedule (theirs: SGD lr 0.1 without momentum, ReduceLROnPlateau, early stop).
 Three or more modalities, or an encoder that is not a staged ResNet-18 (the built-in `sensor`
@@ -69,6 +73,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed as dist
+from ..metrics import accuracy
 from ..models import unwrap
 from .base import Method, register_method
 from .common import require
@@ -101,6 +107,33 @@ def speed_ratios(net: MMTMClassifier) -> Dict[str, Dict[str, float]]:
     out: Dict[str, Dict[str, float]] = {"bypass": {}, "main": {}}
     for i, (kind, m) in enumerate(keys):
         out[kind][m] = values[2 * i + 1] / values[2 * i]
+    return out
+
+
+def conditional_utilization(net: MMTMClassifier, evaluate, split: str, device) -> Dict[str, float]:
+    """The conditional utilisation rates of the paper, measured as their released code allows
+    (`configs/recording.gin`, `configs/eval.gin`, `MMTM_mitigate`'s `turnoff_cross_modal_flow`):
+    the mean squeeze of every block and modality over the training split (evaluation transform),
+    then on `split` each branch's accuracy A_m with both modalities and A_m,alone with the other
+    modality's squeeze replaced by that mean; u(other | m) = (A_m - A_m,alone) / A_m, the
+    accuracy branch m owes to the other modality. None of these passes moves the running means."""
+    with net.analysis("record"):
+        evaluate("train")
+    for block in net.mmtm.values():  # several processes: every shard's squeezes
+        for m, total in block.recorded.items():
+            block.recorded[m] = total.new_tensor(dist.all_reduce_sum(total.tolist(), device))
+    with net.analysis("plain"):
+        both = evaluate(split)
+    with net.analysis("alone"):
+        alone = evaluate(split)
+    out = {}
+    for m in net.modalities:
+        other = next(j for j in net.modalities if j != m)
+        a = accuracy(both.unimodal_logits[m], both.labels)
+        a_alone = accuracy(alone.unimodal_logits[m], alone.labels)
+        out[f"greedy_acc_{m}"] = a
+        out[f"greedy_acc_{m}_alone"] = a_alone
+        out[f"greedy_utilization_{other}_given_{m}"] = (a - a_alone) / a if a > 0 else 0.0
     return out
 
 
@@ -180,6 +213,10 @@ class Greedy(Method):
         group.add_argument("--greedy_own_average", action="store_true",
                            help="each modality's held gates are the running mean of its own gates (the authors' "
                                 "code uses modality 0's for both) (default: off)")
+        group.add_argument("--greedy_utilization", choices=("off", "val", "test"), default="off",
+                           help="after each epoch, the conditional utilisation rates on this split: each "
+                                "branch's accuracy with the other modality's squeeze replaced by its mean over "
+                                "the training split (3 extra passes: train, twice this split) (default: %(default)s)")
         group.add_argument("--greedy_average_passes", choices=AVERAGE_PASSES, default="all",
                            help="which forward passes update the running gate means: 'all' (the authors', "
                                 "evaluation included) or 'train' (default: %(default)s)")
@@ -224,6 +261,15 @@ class Greedy(Method):
         if self.switch.d is not None:
             logs["greedy_d_speed"] = self.switch.d
         return logs
+
+    def on_epoch_end(self, epoch, ctx):
+        out = super().on_epoch_end(epoch, ctx)
+        if self.args.greedy_utilization != "off":
+            if ctx.evaluate is None:
+                raise ValueError("--greedy_utilization needs a TrainContext with `evaluate` (the trainer's)")
+            out.update(conditional_utilization(unwrap(ctx.model), ctx.evaluate, self.args.greedy_utilization,
+                                               ctx.device))
+        return out
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "switch": self.switch.state_dict()}

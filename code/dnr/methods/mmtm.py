@@ -23,6 +23,7 @@ and positions, one gate per clip applied to every frame (their views are single 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Mapping, Optional, Sequence
 
 import torch
@@ -38,6 +39,7 @@ from ..models.encoders import ResNet18Encoder, create_encoder, default_encoder
 MMTM_STAGES = (2, 3, 4)
 SQUEEZE_RATIO = 4
 AVERAGE_PASSES = ("all", "train")
+ANALYSIS_MODES = ("record", "alone", "plain")
 
 
 class MMTM(nn.Module):
@@ -58,15 +60,27 @@ class MMTM(nn.Module):
         self.register_buffer("passes", torch.zeros((), dtype=torch.long))
         self.own_average = False  # True: a_1 follows g_1 (their code feeds g_0 into both)
         self.average_passes = "all"  # "train": only training-mode passes update the running means
+        # Conditional utilisation (MMTMClassifier.analysis): "record" sums the squeezed vectors,
+        # "alone" gives each modality's gates from its own squeeze and the others' recorded means,
+        # "plain" is the plain model; none of them updates the running means.
+        self.analysis: Optional[str] = None
+        self.recorded: Dict[str, Tensor] = {}  # m -> (C_m + 1,) float64: sum of squeezes, then the count
 
     def average(self, m: str) -> Tensor:
         return getattr(self, f"average_{m}")
 
     def forward(self, squeezed: Mapping[str, Tensor], caring: Optional[str] = None) -> Dict[str, Tensor]:
+        if self.analysis == "record":
+            for m in self.names:
+                s = squeezed[m].detach().double()
+                total = torch.cat([s.sum(0), s.new_tensor([s.shape[0]])])
+                self.recorded[m] = self.recorded[m] + total if m in self.recorded else total
+        elif self.analysis == "alone":
+            return self._gates_alone(squeezed)
         z = torch.cat([squeezed[m] for m in self.names], 1)  # (B, C_0 + C_1)
         excitation = F.relu(self.squeeze(z))
         gates = {m: torch.sigmoid(self.excite[m](excitation)) for m in self.names}
-        if self.training or self.average_passes == "all":
+        if self.analysis is None and (self.training or self.average_passes == "all"):
             self._update_averages(gates)
         if caring is not None:
             if caring not in gates:
@@ -76,6 +90,21 @@ class MMTM(nn.Module):
             # excitation layer, as their PyTorch's zero_grad left it; DistributedDataParallel needs
             # every parameter in the graph.
             gates[caring] = held.expand_as(gates[caring]) + 0 * gates[caring]
+        return gates
+
+    def _gates_alone(self, squeezed: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Each modality's gates with the other modality's squeeze replaced by its recorded mean
+        (their `turnoff_cross_modal_flow`, balanced_mmtm.py L72-91)."""
+        gates = {}
+        for m in self.names:
+            parts = []
+            for j in self.names:
+                if j == m:
+                    parts.append(squeezed[j])
+                else:
+                    mean = (self.recorded[j][:-1] / self.recorded[j][-1]).to(squeezed[m].dtype)
+                    parts.append(mean.expand(squeezed[m].shape[0], -1))
+            gates[m] = torch.sigmoid(self.excite[m](F.relu(self.squeeze(torch.cat(parts, 1)))))
         return gates
 
     @torch.no_grad()
@@ -140,6 +169,25 @@ class MMTMClassifier(nn.Module):
             raise ValueError(f"average_passes must be one of {AVERAGE_PASSES}, got {average_passes!r}")
         for block in self.mmtm.values():
             block.own_average, block.average_passes = own_average, average_passes
+
+    @contextlib.contextmanager
+    def analysis(self, mode: str):
+        """Passes inside run in an analysis mode of the blocks ("record" the squeezes, starting a
+        new record; "alone" with the other modality's squeeze at its recorded mean; "plain" the
+        model as it is) and leave the running gate means alone."""
+        if mode not in ANALYSIS_MODES:
+            raise ValueError(f"analysis mode must be one of {ANALYSIS_MODES}, got {mode!r}")
+        for block in self.mmtm.values():
+            if mode == "record":
+                block.recorded = {}
+            elif mode == "alone" and set(block.recorded) != set(block.names):
+                raise RuntimeError("MMTM 'alone' passes need the squeezes recorded first (analysis('record'))")
+            block.analysis = mode
+        try:
+            yield self
+        finally:
+            for block in self.mmtm.values():
+                block.analysis = None
 
     def encode(self, inputs: Mapping[str, Tensor], caring: Optional[str] = None) -> Dict[str, Tensor]:
         missing = [m for m in self.modalities if m not in inputs]
