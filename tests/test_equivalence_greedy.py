@@ -338,6 +338,16 @@ def test_greedy_switch_schedule_matches_the_callback():
     assert {"audio", "visual", None} <= set(got)  # both directions and plain steps occur
 
 
+def test_greedy_switch_skips_overflowing_steps():
+    switch = Rebalancer(NAMES, threshold=0.01, window=5)
+    ok = {"bypass": {"audio": 2.0, "visual": 1.0}, "main": {"audio": 1.0, "visual": 1.0}}
+    switch.after_backward(lambda: ok, unlocked=False)
+    d, sums = switch.d, dict(switch.bypass)
+    switch.after_backward(lambda: {"bypass": {"audio": math.inf, "visual": 1.0}, "main": ok["main"]}, unlocked=True)
+    assert switch.d == d and switch.bypass == sums
+    assert switch.caring == "audio"  # the last finite d (log10 2 > 0.01) still decides
+
+
 def test_greedy_random_mode_draws_uniformly_after_the_start():
     switch = Rebalancer(NAMES, threshold=0.01, window=5, mode="random", seed=3)
     before = []

@@ -49,7 +49,8 @@ Remaining differences and their flags:
     optimiser's momentum and weight decay still move them: their code under the PyTorch of its
     time (zero_grad filled zeros); with their optimiser (no momentum, no weight decay) the layers
     stay put either way.
-  - Parameters without a gradient count as zero in the speeds (their code would fail on them).
+  - Parameters without a gradient count as zero in the speeds (their code would fail on them);
+    with --amp fp16, a step whose gradients overflow (the scaler skips it) adds nothing to them.
   - Under DistributedDataParallel the gradients are averaged before d is computed, so every
     process switches alike; the running means are broadcast from rank 0 with the buffers.
   - `--greedy_utilization val|test` (off by default) logs the conditional utilisation rates
@@ -152,7 +153,10 @@ class Rebalancer:
         self.d: Optional[float] = None
         self.steps = 0
 
-    def speed_difference(self, ratios: Mapping[str, Mapping[str, float]]) -> float:
+    def speed_difference(self, ratios: Mapping[str, Mapping[str, float]]) -> Optional[float]:
+        values = [ratios[kind][m] for kind in ("bypass", "main") for m in self.names]
+        if not all(math.isfinite(v) for v in values):  # --amp fp16 overflow: the scaler skips this step
+            return self.d
         for m in self.names:
             self.bypass[m] += ratios["bypass"][m]
             self.main[m] += ratios["main"][m]
@@ -172,7 +176,7 @@ class Rebalancer:
             self.caring = None
         elif self.caring is None:
             d = self.speed_difference(ratios())
-            if abs(d) > self.threshold:
+            if d is not None and abs(d) > self.threshold:
                 self.caring, self.rebalanced = (self.names[0] if d > 0 else self.names[1]), 0
         else:
             self.rebalanced += 1
