@@ -410,7 +410,9 @@ def train(args: argparse.Namespace, out: Path, d, device, saved) -> dict:
                        run_stage=lambda name, **flags: run_stage(args, out, name, **flags),
                        train_loader=train_loader, train_transform=train_transform,
                        extract_features_of=lambda m, split: extract_features(
-                           m, evals[split], device, amp=amp, progress=progress, device_transform=eval_transform))
+                           m, evals[split], device, amp=amp, progress=progress, device_transform=eval_transform),
+                       evaluate=lambda split: forward_pass(model, evals[split], device, features=True, amp=amp,
+                                                           device_transform=eval_transform))
     if main_proc:
         say(describe_run(args, splits, net, device, d, out))
         say("columns: " + EPOCH_LEGEND.replace("(val)", f"({args.select_on})"))

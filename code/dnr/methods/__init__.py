@@ -7,7 +7,28 @@ method) reads the registry.
 """
 from .base import METHODS, Method, TrainContext, create_method, register_method
 from .diagnosis import PurityTracker, add_diagnosis_args, make_relearner, make_tracker
-from . import relearn, unimodal, ogm_ge, pmr, mmpareto, agm, opm, reconboost, mbsd, lfm, umt, ume, sample_valuation, amco, gblending, mmcosine, cml, mla  # noqa: F401,E402  (register themselves)
+# Each module registers its method on import.
+from . import (  # noqa: F401,E402
+    relearn,
+    unimodal,
+    ogm_ge,
+    pmr,
+    mmpareto,
+    agm,
+    opm,
+    reconboost,
+    mbsd,
+    lfm,
+    umt,
+    ume,
+    sample_valuation,
+    amco,
+    gblending,
+    mmcosine,
+    cml,
+    mla,
+    greedy,
+)
 
 __all__ = ["METHODS", "Method", "TrainContext", "create_method", "register_method",
            "add_diagnosis_args", "make_relearner", "PurityTracker", "make_tracker"]

@@ -51,9 +51,12 @@ class TrainContext:
     samples, evaluation transform) and "val", `train_batches(epoch)` (this epoch's training
     batches as the loop will see them: same order, training transform), the run folder, and
     `run_stage(name, **flags)`, which runs this trainer with other flags into <out>/<name>
-    (resuming it if it was cut, re-reading it if it finished) and returns that run's folder, and
+    (resuming it if it was cut, re-reading it if it finished) and returns that run's folder,
     `extract_features_of(model, split)`: as `extract_features`, for another model than the run's
-    (a method's side copy, e.g. Gradient-Blending's), never cached."""
+    (a method's side copy, e.g. Gradient-Blending's), never cached, and
+    `evaluate(split)` -> engine.Outputs of a fresh evaluation pass (eval mode, logits, per-modality
+    logits and features) over "train" (evaluation transform), "val" or "test", for a method's own
+    analysis (e.g. greedy's conditional utilisation rate); never cached."""
 
     model: nn.Module
     device: object
@@ -67,6 +70,7 @@ class TrainContext:
     train_loader: Optional[DataLoader] = None  # this process's shard of every training batch
     train_transform: Optional[DeviceTransform] = None  # the device transform training batches get
     extract_features_of: Optional[Callable[[nn.Module, str], Tuple[Mapping[str, Tensor], Tensor]]] = None
+    evaluate: Optional[Callable[[str], object]] = None  # split -> engine.Outputs (a fresh pass)
 
     def train_batches(self, epoch: int) -> Iterator[Batch]:
         """This epoch's training batches (this process's shard), on the device, augmented as in
