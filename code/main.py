@@ -50,7 +50,8 @@ from dnr.stepping import Updater
 
 SPLIT_METRICS = ("acc", "macro_f1", "f1_weighted", "map")
 EPOCH_LEGEND = ("epoch e/E (0-based) | training loss and accuracy | val: acc, f1 = macro-F1, mAP, "
-                "[m=...] = each modality's accuracy from its slice of the fusion head | test acc | seconds; "
+                "[m=...] = each modality's accuracy from its uni-modal logits (its slice of the fusion head, or "
+                "the method's own uni-modal head) | test acc | seconds; "
                 "* = the best epoch so far on --select_on (val), the one the run reports")
 
 
@@ -515,7 +516,8 @@ def describe_run(args, splits, net, device, d, out) -> str:
     return (f"{args.method} on {info.name}: {len(splits.train)}/{len(splits.val)}/{len(splits.test)} "
             f"train/val/test samples, {info.num_classes} classes, modalities "
             + ", ".join(f"{s.name} {tuple(s.shape)} ({net.encoder_names[s.name]})" for s in info.modalities)
-            + f"; {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters; {args.fusion} fusion; "
+            + f"; {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters; "
+            f"{getattr(net, 'fusion_name', args.fusion)} fusion; "
             f"device {device}" + (f" x {d.world_size} processes" if d.enabled else "") + f"; output {out}")
 
 
