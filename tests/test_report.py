@@ -48,6 +48,31 @@ def test_summary_groups_seeds_and_keeps_unimodal_runs_apart(tmp_path):
     assert "| relearn | audio+visual | 1 | yes | 0.900 ± 0.000 | 0.600 ± 0.000 | 0.700 ± 0.000 |" in text
 
 
+def test_first_stages_are_part_of_their_run_not_runs_of_their_own(tmp_path):
+    # UMT's teachers: <run>/teacher_<m> are this trainer's unimodal runs, seed 0 like a real
+    # unimodal_seed0 beside them; they must neither count as runs (two runs with one seed) nor
+    # hide their cost.
+    run = tmp_path / "umt_seed0"
+    fake_run(run, "umt", 0, 0.8)
+    (run / "args.json").write_text("{}")
+    for m, secs in (("audio", 3.0), ("visual", 4.5)):
+        fake_run(run / f"teacher_{m}", "unimodal", 0, 0.6, modalities=(m,), extra={"seconds": secs})
+        (run / f"teacher_{m}" / "args.json").write_text("{}")
+    fake_run(tmp_path / "unimodal_seed0", "unimodal", 0, 0.7, modalities=("audio",))
+    cut = tmp_path / "ume_seed0"  # cut inside its second teacher: the run is unfinished, not the teacher
+    (cut / "teacher_visual").mkdir(parents=True)
+    (cut / "args.json").write_text("{}")
+    fake_run(cut / "teacher_audio", "unimodal", 0, 0.6, modalities=("audio",))
+    (cut / "teacher_visual" / "last.pth").write_bytes(b"")
+    runs, unfinished = find_results([tmp_path])
+    assert sorted(r["method"] for r in runs) == ["umt", "unimodal"]
+    umt = next(r for r in runs if r["method"] == "umt")
+    assert umt["seconds"] == pytest.approx(10.0 + 3.0 + 4.5)
+    assert umt["stage_seconds"] == {"teacher_audio": 3.0, "teacher_visual": 4.5}
+    assert unfinished == [cut]
+    assert [r["method"] for r in find_results([run])[0]] == ["umt"]  # the run folder itself
+
+
 def test_table_shows_shapley_and_cost_and_old_runs_get_dashes(tmp_path):
     for s, (phi, secs) in enumerate([(0.30, 4.0), (0.10, 6.0)]):
         fake_run(tmp_path / f"b{s}", "baseline", s, 0.8, extra={

@@ -11,20 +11,44 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 
 def find_results(paths: Iterable) -> Tuple[List[dict], List[Path]]:
-    """Every results.json at or below the given run folders; also the folders that have a
-    last.pth but no results.json yet (unfinished runs), so they are reported, not silently dropped."""
+    """Every run's results.json at or below the given run folders; also the folders that have a
+    last.pth but no results.json yet (unfinished runs), so they are reported, not silently dropped.
+    A run's first stages (e.g. UMT's teachers in <run>/teacher_audio) are not runs of their own:
+    their seconds are added to the run's ("stage_seconds" lists them), so "seconds" is the whole cost."""
     runs, unfinished = [], []
     for p in map(Path, paths):
         if not p.exists():
             raise FileNotFoundError(f"no run folder {p}")
         files = [p] if p.is_file() else sorted(p.rglob("results.json"))
+        stages = {}  # owning run folder -> {stage name: seconds}
         for f in files:
+            owner = _stage_owner(f.parent, p)
+            if owner is not None:
+                stages.setdefault(owner, {})[f.parent.name] = json.loads(f.read_text()).get("seconds", 0.0)
+        for f in files:
+            if _stage_owner(f.parent, p) is not None:
+                continue
             res = json.loads(f.read_text())
             res["_path"] = str(f.parent)
+            if f.parent in stages:
+                res["stage_seconds"] = stages[f.parent]
+                res["seconds"] = res.get("seconds", 0.0) + sum(stages[f.parent].values())
             runs.append(res)
         if p.is_dir():
-            unfinished += [c.parent for c in p.rglob("last.pth") if not (c.parent / "results.json").exists()]
+            cut = {c.parent for c in p.rglob("last.pth") if not (c.parent / "results.json").exists()}
+            cut = {_stage_owner(c, p) or c for c in cut}  # a run cut in a first stage is that run
+            unfinished += sorted(c for c in cut if not (c / "results.json").exists())
     return runs, unfinished
+
+
+def _stage_owner(folder: Path, root: Path):
+    """The run folder (one holding args.json) strictly above `folder`, at or below `root`, if any."""
+    for parent in folder.parents:
+        if (parent / "args.json").exists():
+            return parent
+        if parent == root or root not in parent.parents:
+            return None
+    return None
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
