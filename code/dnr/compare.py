@@ -136,7 +136,9 @@ def plot(runs: List[dict], path: Path) -> None:
         groups.setdefault(label, []).append(read_curves(Path(r["_path"])))
         purity.setdefault(label, []).append(read_purity(Path(r["_path"])))
         modalities += [m for m in r["modalities"] if m not in modalities]
-    colours = {label: f"C{i % 10}" for i, label in enumerate(sorted(groups))}  # one colour per method in every panel
+    # One colour per method in every panel, distinct for up to 20 methods (tab10 repeats after 10).
+    palette = plt.get_cmap("tab20").colors if len(groups) > 10 else [f"C{i}" for i in range(10)]
+    colours = {label: palette[i % len(palette)] for i, label in enumerate(sorted(groups))}
     panels = ["acc"] + [f"acc_{m}" for m in modalities]
     with_purity = any(p for ps in purity.values() for p in ps)
     rows = 2 if with_purity else 1
