@@ -46,6 +46,7 @@ from dnr.models.pretrained import describe_weights, load_encoder_weights, parse_
 from dnr.rundir import run_folder
 from dnr.runtime import epoch_seed, pick_device, seed_everything, set_deterministic, worker_init
 from dnr.selection import Selection
+from dnr import stepping
 from dnr.stepping import Updater
 
 SPLIT_METRICS = ("acc", "macro_f1", "f1_weighted", "map")
@@ -234,16 +235,7 @@ def say(*parts) -> None:
 
 
 def build_optimizer(args, model):
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
-                              weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                               weight_decay=args.weight_decay)
-    # step_size 0 means "no decay": a StepLR with gamma 1 keeps the scheduler in the checkpoint either way.
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(args.lr_decay_step, 1),
-                                            gamma=args.lr_decay_ratio if args.lr_decay_step > 0 else 1.0)
-    return opt, sched
+    return stepping.build_optimizer(args, model.parameters())
 
 
 def make_loaders(args, splits, device):

@@ -105,3 +105,26 @@ class StepResult:
     loss: Tensor
     out: object  # models.ModelOutput
     logs: Dict[str, float]
+
+
+def build_optimizer(args, params):
+    """The run's optimiser and learning-rate schedule from its flags (--optimizer, --learning_rate,
+    --momentum, --weight_decay, --lr_decay_step, --lr_decay_ratio): the trainer's, and any side copy
+    a method trains (Gradient-Blending's), so both follow the same rule."""
+    params = list(params)
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                               weight_decay=args.weight_decay)
+    # step_size 0 means "no decay": a StepLR with gamma 1 keeps the scheduler in the checkpoint either way.
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(args.lr_decay_step, 1),
+                                            gamma=args.lr_decay_ratio if args.lr_decay_step > 0 else 1.0)
+    return opt, sched
+
+
+def learning_rate_at(args, epoch: int) -> float:
+    """The learning rate build_optimizer's schedule gives at a 0-based epoch."""
+    if args.lr_decay_step > 0:
+        return args.learning_rate * args.lr_decay_ratio ** (epoch // args.lr_decay_step)
+    return args.learning_rate

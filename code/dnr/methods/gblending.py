@@ -91,7 +91,7 @@ from torch import Tensor, nn
 from .. import distributed as dist
 from ..models import unwrap
 from ..runtime import epoch_seed
-from ..stepping import AMP_DTYPES, Updater, check_finite
+from ..stepping import AMP_DTYPES, Updater, build_optimizer, check_finite, learning_rate_at
 from .base import Method, register_method
 from .common import require
 
@@ -179,20 +179,6 @@ def measures(net: nn.Module, heads: List[str], source, metric: str) -> Dict[str,
             else:
                 out[k].append(1.0 - float((logits.argmax(1) == labels).float().mean()))
     return {k: (v[0], v[1]) for k, v in out.items()}
-
-
-def learning_rate(args, epoch: int) -> float:
-    """The run's learning rate at a 0-based epoch (main.py's StepLR)."""
-    if args.lr_decay_step > 0:
-        return args.learning_rate * args.lr_decay_ratio ** (epoch // args.lr_decay_step)
-    return args.learning_rate
-
-
-def side_optimizer(args, params) -> torch.optim.Optimizer:
-    """A fresh optimiser with the run's settings (main.py's build_optimizer)."""
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
-    return torch.optim.Adam(params, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
 
 
 @register_method
@@ -296,7 +282,7 @@ class GradientBlending(Method):
         params = head_params(side, head)
         amp = AMP_DTYPES[getattr(a, "amp", "off")]
         scaler = torch.amp.GradScaler(torch.device(ctx.device).type) if getattr(a, "amp", "off") == "fp16" else None
-        update = Updater(side, side_optimizer(a, params), ctx.device, amp=amp, scaler=scaler,
+        update = Updater(side, build_optimizer(a, params)[0], ctx.device, amp=amp, scaler=scaler,
                          grad_clip=getattr(a, "grad_clip", 0.0))
         sampler = getattr(ctx.train_loader, "batch_sampler", None) if ctx.train_loader is not None else None
         saved = (sampler.seed, sampler.indices) if hasattr(sampler, "set_epoch") else None
@@ -306,7 +292,7 @@ class GradientBlending(Method):
                 if saved is not None:
                     sampler.set_epoch(epoch_seed(a.random_seed, e), self.epoch_indices(e, ctx))
                 for group in update.optimizer.param_groups:
-                    group["lr"] = learning_rate(a, e)
+                    group["lr"] = learning_rate_at(a, e)
                 for batch in ctx.train_batches(e):
                     with update.autocast():
                         if head == FUSED:
