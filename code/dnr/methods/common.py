@@ -6,7 +6,7 @@ import argparse
 from typing import Dict, Mapping, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..models.classifier import ModelOutput
 
@@ -63,3 +63,10 @@ def add_window_args(group: argparse._ArgumentGroup, prefix: str, starts: int, en
                        help="last 0-based epoch of the modulation, inclusive; unset = to the end "
                             "(default: %(default)s)")
 
+
+
+def add_unimodal_heads(model: nn.Module, num_classes: int, modalities) -> nn.Module:
+    """Give `model` the method's own uni-modal classifiers, one Linear(D_m, C) per modality in
+    `model.unimodal_heads` (PyTorch's default initialisation), beside the fusion head."""
+    model.unimodal_heads = nn.ModuleDict({m: nn.Linear(model.encoders[m].out_dim, num_classes) for m in modalities})
+    return model

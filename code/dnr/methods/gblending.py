@@ -93,7 +93,7 @@ from ..models import unwrap
 from ..runtime import epoch_seed
 from ..stepping import AMP_DTYPES, Updater, build_optimizer, check_finite, learning_rate_at
 from .base import Method, register_method
-from .common import require
+from .common import add_unimodal_heads, require
 
 FUSED = "fused"  # the name of the multimodal head among the blended heads
 EPS = 1e-12
@@ -222,9 +222,7 @@ class GradientBlending(Method):
     def build_model(cls, info, **model_args) -> nn.Module:
         model = super().build_model(info, **model_args)
         # The uni-modal classifiers are the method's (the authors' a_last_out / v_last_out FC layers).
-        model.unimodal_heads = nn.ModuleDict({m: nn.Linear(model.encoders[m].out_dim, info.num_classes)
-                                              for m in info.modality_names})
-        return model
+        return add_unimodal_heads(model, info.num_classes, info.modality_names)
 
     def __init__(self, args, model, info):
         super().__init__(args, model, info)

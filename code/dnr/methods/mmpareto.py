@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from .. import distributed as dist
 from ..models import unwrap
 from .base import Method, register_method
+from .common import add_unimodal_heads
 
 
 def pareto_weights(g_mm: Tensor, g_uni: Tensor) -> Tuple[float, float, float]:
@@ -109,9 +110,7 @@ class MMPareto(Method):
     def build_model(cls, info, **model_args) -> nn.Module:
         model = super().build_model(info, **model_args)
         # The uni-modal heads are the method's, not slices of the fusion head (the authors' head_audio, head_video).
-        model.unimodal_heads = nn.ModuleDict({m: nn.Linear(model.encoders[m].out_dim, info.num_classes)
-                                              for m in info.modality_names})
-        return model
+        return add_unimodal_heads(model, info.num_classes, info.modality_names)
 
     def unimodal_losses(self, out, labels) -> Dict[str, Tensor]:
         heads = unwrap(self.model).unimodal_heads
