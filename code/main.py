@@ -230,6 +230,16 @@ def parse_encoders(text: str) -> dict:
     return out
 
 
+def encoders_seen(choice: dict, dataset_modalities, seen) -> dict:
+    """`choice` (from --encoders) restricted to the modalities `seen` by the method; a name that is
+    not a modality of the dataset at all is an error."""
+    unknown = sorted(set(choice) - set(dataset_modalities))
+    if unknown:
+        raise ValueError(f"--encoders names {unknown}, which are not modalities of this dataset; "
+                         f"it has {list(dataset_modalities)}")
+    return {m: e for m, e in choice.items() if m in seen}
+
+
 def say(*parts) -> None:
     print(*parts, flush=True)
 
@@ -363,6 +373,10 @@ def train(args: argparse.Namespace, out: Path, d, device, saved) -> dict:
     splits = load_data(args, args.method)
     info = splits.info
     model_args = model_args_of(args)
+    # --encoders may name every modality of the dataset; a method that trains on fewer (unimodal)
+    # builds only those, so the choice is checked against the dataset and then narrowed.
+    model_args["encoders"] = encoders_seen(model_args["encoders"], splits.train.info.modality_names,
+                                           info.modality_names)
     net = METHODS[args.method].build_model(info, **model_args)
     # Carried over by a resume: training time over every process, and what --encoder_weights loaded.
     run_vars = {"seconds": 0.0, "encoder_weights_loaded": {}}

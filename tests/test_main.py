@@ -165,6 +165,20 @@ def test_mixing_fusions_report_probe_accuracy(fusion, tmp_path):
     assert res["unimodal_test_acc"] == res["probe_test_acc"] and set(res["probe_test_acc"]) == {"audio", "visual"}
 
 
+def test_unimodal_takes_its_own_choice_from_encoders_naming_every_modality(tmp_path, capsys):
+    """One --encoders string can serve every run of a comparison: the uni-modal run builds its own
+    modality's choice and ignores the others' (it used to refuse them as unknown modalities)."""
+    # visual=mlp could not even be built (the MLP takes vectors, the frames are images)
+    both = ["--encoders", "audio=resnet18,visual=mlp", "--epochs", "1"]
+    rc, out = run(["--method", "unimodal", "--unimodal_modality", "audio"] + both, tmp_path)
+    assert rc == 0
+    saved = torch.load(out / "last.pth", map_location="cpu", weights_only=False)
+    assert saved["model_args"]["encoders"] == {"audio": "resnet18"}
+    rc, _ = run(["--method", "unimodal", "--unimodal_modality", "audio", "--encoders", "smell=mlp",
+                 "--epochs", "1"], tmp_path, name="bad")
+    assert rc == 1 and "--encoders names ['smell']" in capsys.readouterr().err
+
+
 def test_eval_only_reproduces_the_selected_epoch(tmp_path):
     rc, out = run(["--method", "baseline", "--epochs", "2", "--no-probe"], tmp_path)
     assert rc == 0
