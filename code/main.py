@@ -283,7 +283,23 @@ def versions() -> dict:
 
     return {"dnr": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": numpy.__version__,
-            "sklearn": sklearn.__version__, "cuda": torch.version.cuda}
+            "sklearn": sklearn.__version__, "cuda": torch.version.cuda, "machine": machine()}
+
+
+def machine() -> dict:
+    """Where the run's seconds were measured (and its floating point computed: results differ in the
+    last bits between CPU instruction sets and thread counts): CPU model, the SIMD level PyTorch uses,
+    intra-op threads, and the GPU if any."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:  # not Linux
+        pass
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def load_data(args, method: str, method_args=None):

@@ -68,6 +68,9 @@ def test_method_end_to_end_with_diagnosis(method, tmp_path, monkeypatch):
     assert set(res["unimodal_test_acc"]) == modalities and res["unimodal_source"] == "head"
     assert set(res["probe_test_acc"]) == modalities
     assert res["seconds"] > 0
+    # where the seconds were measured: they compare only between runs on the same kind of machine
+    machine = res["versions"]["machine"]
+    assert machine["cpu"] and machine["threads"] == torch.get_num_threads() and machine["cpu_capability"]
     # diagnoses after 0-based epochs 1 and 2 (reinit_epoch 1, reinit_num 2)
     assert [d["epoch"] for d in res["diagnoses"]] == [1, 2]
     for d in res["diagnoses"]:

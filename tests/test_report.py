@@ -112,3 +112,14 @@ def test_readme_has_exactly_two_quick_start_commands_and_ci_runs_the_second(root
     for path in ("script/ours.sh", "script/baseline.sh", "requirements.txt", "requirements-dev.txt",
                  "method.png", "LICENSE"):
         assert (root / path).is_file(), path
+
+
+def test_table_names_the_machine_each_methods_seconds_come_from(tmp_path):
+    epyc = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "threads": 1, "gpu": None}
+    fake_run(tmp_path / "b0", "baseline", 0, 0.8, extra={"versions": {"machine": epyc}})
+    fake_run(tmp_path / "b1", "baseline", 1, 0.8, extra={"versions": {"machine": {**epyc, "threads": 2}}})
+    fake_run(tmp_path / "r0", "relearn", 0, 0.8)  # made before the machine was recorded
+    rows = summarize(find_results([tmp_path])[0])
+    assert rows[0]["machines"] == ["AMD EPYC (AVX2, 1 thread)", "AMD EPYC (AVX2, 2 threads)"]
+    assert ("Seconds measured on: AMD EPYC (AVX2, 1 thread): baseline; AMD EPYC (AVX2, 2 threads): baseline; "
+            "not recorded: relearn.") in markdown(rows)

@@ -106,6 +106,7 @@ def summarize(runs: List[dict]) -> List[dict]:
             # Shapley contribution to the fused test accuracy, in points; "-" for runs made before it existed.
             "shapley": {m: pm([r.get("shapley_test_acc", {}).get(m) for r in rs]) for m in modalities},
             "cost": cost_of(rs),
+            "machines": sorted({machine_of(r) for r in rs}),
             "epochs": rs[0]["epochs"],
             "seconds": mean_std([r["seconds"] for r in rs])[0],
             "diagnoses": [],
@@ -122,6 +123,15 @@ def summarize(runs: List[dict]) -> List[dict]:
             })
         rows.append(row)
     return rows
+
+
+def machine_of(run: dict) -> str:
+    """Where a run's seconds were measured, in words (results.json's versions.machine)."""
+    m = run.get("versions", {}).get("machine")
+    if not m:
+        return "not recorded"
+    where = f"{m['cpu']} ({m['cpu_capability']}, {m['threads']} thread{'s' if m['threads'] != 1 else ''})"
+    return where + (f", GPU {m['gpu']}" if m.get("gpu") else "")
 
 
 def cost_of(rs: List[dict]) -> dict:
@@ -185,6 +195,14 @@ def markdown(rows: List[dict]) -> str:
                 r["method"], "+".join(r["modalities"]), num(c["parameters"] / 1e6, ".2f"),
                 num(c["flops_per_sample"] and c["flops_per_sample"] / 1e9, ".3f"), num(c["seconds_per_epoch"], ".1f"),
                 num(c["train_seconds_per_epoch"], ".1f"), num(c["peak_memory_mb"], ".0f")]) + " |")
+    machines: Dict[str, List[str]] = {}
+    for r in rows:
+        for m in r.get("machines", []):
+            label = r["method"] + ("" if len(r["modalities"]) > 1 else f" ({r['modalities'][0]})")
+            machines.setdefault(m, []).append(label)
+    if machines:  # seconds compare only between runs on the same machine
+        lines += ["", "Seconds measured on: " + "; ".join(
+            f"{m}: {', '.join(dict.fromkeys(methods))}" for m, methods in sorted(machines.items())) + "."]
     diag_rows = [(r, d) for r in rows for d in r["diagnoses"]]
     if diag_rows:
         lines += ["", "Diagnoses (purity of k-means clusters of each encoder's features; strength "
