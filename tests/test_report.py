@@ -116,10 +116,33 @@ def test_readme_has_exactly_two_quick_start_commands_and_ci_runs_the_second(root
 
 def test_table_names_the_machine_each_methods_seconds_come_from(tmp_path):
     epyc = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "threads": 1, "gpu": None}
-    fake_run(tmp_path / "b0", "baseline", 0, 0.8, extra={"versions": {"machine": epyc}})
-    fake_run(tmp_path / "b1", "baseline", 1, 0.8, extra={"versions": {"machine": {**epyc, "threads": 2}}})
-    fake_run(tmp_path / "r0", "relearn", 0, 0.8)  # made before the machine was recorded
+
+    def cost(seconds):
+        return {"parameters": 2e6, "flops_per_sample": 1e9, "seconds_per_epoch": seconds,
+                "train_seconds_per_epoch": seconds / 2, "peak_memory": {"kind": "cpu_peak_rss", "mb": 100.0}}
+
+    fake_run(tmp_path / "b0", "baseline", 0, 0.8, extra={"versions": {"machine": epyc}, "cost": cost(30.0)})
+    fake_run(tmp_path / "b1", "baseline", 1, 0.8, extra={"versions": {"machine": {**epyc, "threads": 2}},
+                                                         "cost": cost(8.0)})
+    fake_run(tmp_path / "b2", "baseline", 2, 0.8, extra={"versions": {"machine": {**epyc, "threads": 2}},
+                                                         "cost": cost(10.0)})
+    fake_run(tmp_path / "r0", "relearn", 0, 0.8, extra={"cost": cost(20.0)})  # made before machines were recorded
     rows = summarize(find_results([tmp_path])[0])
     assert rows[0]["machines"] == ["AMD EPYC (AVX2, 1 thread)", "AMD EPYC (AVX2, 2 threads)"]
-    assert ("Seconds measured on: AMD EPYC (AVX2, 1 thread): baseline; AMD EPYC (AVX2, 2 threads): baseline; "
-            "not recorded: relearn.") in markdown(rows)
+    table = markdown(rows)
+    assert ("Seconds measured on: [1] AMD EPYC (AVX2, 1 thread): baseline; [2] AMD EPYC (AVX2, 2 threads): baseline; "
+            "[3] not recorded: relearn.") in table
+    # seconds per run (fake_run: 10 + seed) and per epoch are never averaged across machines
+    assert "| 10 [1] / 12 [2] |" in table and "| 10 |" in table.split("| relearn |")[1]
+    assert "| baseline [1] | audio+visual | 2.00 | 1.000 | 30.0 | 15.0 | 100 |" in table
+    assert "| baseline [2] | audio+visual | 2.00 | 1.000 | 9.0 | 4.5 | 100 |" in table
+    assert "| relearn | audio+visual | 2.00 | 1.000 | 20.0 | 10.0 | 100 |" in table
+
+
+def test_one_machine_keeps_the_plain_seconds_line(tmp_path):
+    epyc = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "threads": 1, "gpu": None}
+    for s in range(2):
+        fake_run(tmp_path / f"b{s}", "baseline", s, 0.8, extra={"versions": {"machine": epyc}})
+    table = markdown(summarize(find_results([tmp_path])[0]))
+    assert "Seconds measured on: AMD EPYC (AVX2, 1 thread): baseline." in table and "| 10 |" in table
+

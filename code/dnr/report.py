@@ -107,6 +107,10 @@ def summarize(runs: List[dict]) -> List[dict]:
             "shapley": {m: pm([r.get("shapley_test_acc", {}).get(m) for r in rs]) for m in modalities},
             "cost": cost_of(rs),
             "machines": sorted({machine_of(r) for r in rs}),
+            # Seconds compare only within one machine: a row whose seeds ran on several keeps them apart.
+            "cost_by_machine": {m: cost_of([r for r in rs if machine_of(r) == m]) for m in {machine_of(r) for r in rs}},
+            "seconds_by_machine": {m: mean_std([r["seconds"] for r in rs if machine_of(r) == m])[0]
+                                   for m in {machine_of(r) for r in rs}},
             "epochs": rs[0]["epochs"],
             "seconds": mean_std([r["seconds"] for r in rs])[0],
             "diagnoses": [],
@@ -165,11 +169,25 @@ def markdown(rows: List[dict]) -> str:
             + [f"{m} acc (head)" for m in modalities] + [f"{m} acc (probe)" for m in modalities]
             + ["best test acc (test-selected)", "epochs", "s / run"] + [f"{m} Shapley (pts)" for m in modalities])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # Where one row's seeds ran on several machines, every machine gets a number and that row's seconds
+    # are given per machine ("270 [1] / 994 [2]"): a mean over machines would describe none of them.
+    names = sorted({m for r in rows for m in r.get("machines", [])})
+    numbered = any(len(r.get("machines", [])) > 1 for r in rows)
+
+    def tag(m):
+        return f" [{names.index(m) + 1}]"
+
+    def seconds_cell(r):
+        by = r.get("seconds_by_machine", {})
+        if len(by) > 1:
+            return " / ".join(f"{by[m]:.0f}{tag(m)}" for m in sorted(by, key=names.index))
+        return f"{r['seconds']:.0f}"
+
     for r in rows:
         cells = ([r["dataset"], r["method"], "+".join(r["modalities"]), str(len(r["seeds"])), r["test_acc"],
                   r["test_macro_f1"], r["test_map"], r["val_acc"]]
                  + [r["unimodal"].get(m, "-") for m in modalities] + [r["probe"].get(m, "-") for m in modalities]
-                 + [r["best_test_acc"], str(r["epochs"]), f"{r['seconds']:.0f}"]
+                 + [r["best_test_acc"], str(r["epochs"]), seconds_cell(r)]
                  + [r.get("shapley", {}).get(m, "-") for m in modalities])
         lines.append("| " + " | ".join(cells) + " |")
     costed = [r for r in rows if r.get("cost", {}).get("parameters") is not None]
@@ -181,7 +199,9 @@ def markdown(rows: List[dict]) -> str:
                   "Cost (mean over seeds): parameters; forward FLOPs per sample (torch.utils.flop_counter: matrix "
                   "products and convolutions, a multiply-add = 2); seconds per epoch (training, evaluation, "
                   "diagnoses) and of its training pass alone; peak memory (" + "; ".join(
-                      MEMORY_KINDS.get(k, k) for k in kinds) + "):", ""]
+                      MEMORY_KINDS.get(k, k) for k in kinds) + ")" + (
+                      "; a method whose seeds ran on several machines has a line per machine, numbered as "
+                      "below" if numbered else "") + ":", ""]
         head = ["method", "modalities", "parameters (M)", "GFLOPs / sample", "s / epoch", "training s / epoch",
                 "peak memory (MiB)"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -190,11 +210,17 @@ def markdown(rows: List[dict]) -> str:
             return "-" if v is None else format(v, fmt)
 
         for r in costed:
-            c = r["cost"]
-            lines.append("| " + " | ".join([
-                r["method"], "+".join(r["modalities"]), num(c["parameters"] / 1e6, ".2f"),
-                num(c["flops_per_sample"] and c["flops_per_sample"] / 1e9, ".3f"), num(c["seconds_per_epoch"], ".1f"),
-                num(c["train_seconds_per_epoch"], ".1f"), num(c["peak_memory_mb"], ".0f")]) + " |")
+            by = r.get("cost_by_machine", {})
+            per = [(r["method"], r["cost"])]
+            if len(by) > 1:
+                per = [(r["method"] + tag(m), by[m]) for m in sorted(by, key=names.index)
+                       if by[m]["parameters"] is not None]
+            for label, c in per:
+                lines.append("| " + " | ".join([
+                    label, "+".join(r["modalities"]), num(c["parameters"] / 1e6, ".2f"),
+                    num(c["flops_per_sample"] and c["flops_per_sample"] / 1e9, ".3f"),
+                    num(c["seconds_per_epoch"], ".1f"), num(c["train_seconds_per_epoch"], ".1f"),
+                    num(c["peak_memory_mb"], ".0f")]) + " |")
     machines: Dict[str, List[str]] = {}
     for r in rows:
         for m in r.get("machines", []):
@@ -202,7 +228,8 @@ def markdown(rows: List[dict]) -> str:
             machines.setdefault(m, []).append(label)
     if machines:  # seconds compare only between runs on the same machine
         lines += ["", "Seconds measured on: " + "; ".join(
-            f"{m}: {', '.join(dict.fromkeys(methods))}" for m, methods in sorted(machines.items())) + "."]
+            f"{tag(m).strip() + ' ' if numbered else ''}{m}: {', '.join(dict.fromkeys(methods))}"
+            for m, methods in sorted(machines.items())) + "."]
     diag_rows = [(r, d) for r in rows for d in r["diagnoses"]]
     if diag_rows:
         lines += ["", "Diagnoses (purity of k-means clusters of each encoder's features; strength "
