@@ -124,3 +124,27 @@ def test_scripts_take_the_dataset_from_the_prepared_folder(root, tmp_path):
     assert rc == 2 and "no settings for dataset 'imagenet'" in err
     rc, argv, _ = script("ours.sh")
     assert rc == 0 and flag(argv, "--dataset") == "builtin"
+
+
+def test_many_methods_get_distinct_colours_and_a_legend_off_the_curves(tmp_path, monkeypatch):
+    import matplotlib.figure
+    from dnr.compare import plot
+
+    runs = []
+    for i in range(22):  # the built-in comparison's rows
+        folder = tmp_path / f"m{i:02d}"
+        folder.mkdir()
+        lines = [json.dumps({"epoch": e, "test": {"acc": 0.1 * e, "acc_audio": 0.1, "acc_visual": 0.2},
+                             "tracked_purity": {"purity": {"audio": {"train": 0.5, "val": 0.4},
+                                                           "visual": {"train": 0.6, "val": 0.5}}}})
+                 for e in range(3)]
+        (folder / "log.jsonl").write_text("\n".join(lines) + "\n")
+        runs.append({"method": f"m{i:02d}", "modalities": ["audio", "visual"], "_path": str(folder)})
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    plot(runs, tmp_path / "results.png")
+    fused, legend_cell = saved[0].axes[0], saved[0].axes[3]
+    assert fused.get_legend() is None  # 22 entries would cover the fused panel's curves
+    legend = legend_cell.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [r["method"] for r in runs]
+    assert len({tuple(line.get_color()) for line in fused.get_lines()}) == 22

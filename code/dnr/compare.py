@@ -136,8 +136,9 @@ def plot(runs: List[dict], path: Path) -> None:
         groups.setdefault(label, []).append(read_curves(Path(r["_path"])))
         purity.setdefault(label, []).append(read_purity(Path(r["_path"])))
         modalities += [m for m in r["modalities"] if m not in modalities]
-    # One colour per method in every panel, distinct for up to 20 methods (tab10 repeats after 10).
-    palette = plt.get_cmap("tab20").colors if len(groups) > 10 else [f"C{i}" for i in range(10)]
+    # One colour per method in every panel, distinct for up to 40 methods (tab10 repeats after 10).
+    palette = ([f"C{i}" for i in range(10)] if len(groups) <= 10 else plt.get_cmap("tab20").colors
+               + (plt.get_cmap("tab20b").colors if len(groups) > 20 else ()))
     colours = {label: palette[i % len(palette)] for i, label in enumerate(sorted(groups))}
     panels = ["acc"] + [f"acc_{m}" for m in modalities]
     with_purity = any(p for ps in purity.values() for p in ps)
@@ -157,12 +158,17 @@ def plot(runs: List[dict], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    # A legend of many methods would cover the fused panel's curves: it goes to the free cell below it.
+    if with_purity and len(groups) > 6:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        axes[1][0].legend(handles, labels, fontsize=7, ncol=2, loc="upper left", frameon=False)
+    else:
+        axes[0][0].legend(fontsize=8)
     if with_purity:
         axes[1][0].axis("off")
-        axes[1][0].text(0.0, 0.5, "below each modality's accuracy:\nthe k-means purity of its encoder's\nfeatures "
+        axes[1][0].text(0.0, 0.0, "below each modality's accuracy:\nthe k-means purity of its encoder's\nfeatures "
                         "(mean over seeds),\ntrain solid, val dashed;\nfrom --track_purity_every, else the\n"
-                        "diagnoses (D&R's or --track_purity's)", fontsize=9, va="center")
+                        "diagnoses (D&R's or --track_purity's)", fontsize=9, va="bottom")
         for ax, m in zip(axes[1][1:], modalities):
             if not any(f"{m}/train" in p for ps in purity.values() for p in ps):
                 ax.text(0.5, 0.5, "no purity recorded", ha="center", va="center", transform=ax.transAxes)
