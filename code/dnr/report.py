@@ -94,6 +94,9 @@ def summarize(runs: List[dict]) -> List[dict]:
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"{dataset}/{method}/{mods}: several runs share a seed: "
                              + ", ".join(r["_path"] for r in rs))
+        on: Dict[str, List[dict]] = {}  # the row's runs by the machine they ran on
+        for r in rs:
+            on.setdefault(machine_of(r), []).append(r)
         row = {
             "dataset": dataset, "method": method, "modalities": modalities, "seeds": seeds,
             "test_acc": pm([r["test"]["acc"] for r in rs]),
@@ -106,11 +109,10 @@ def summarize(runs: List[dict]) -> List[dict]:
             # Shapley contribution to the fused test accuracy, in points; "-" for runs made before it existed.
             "shapley": {m: pm([r.get("shapley_test_acc", {}).get(m) for r in rs]) for m in modalities},
             "cost": cost_of(rs),
-            "machines": sorted({machine_of(r) for r in rs}),
+            "machines": sorted(on),
             # Seconds compare only within one machine: a row whose seeds ran on several keeps them apart.
-            "cost_by_machine": {m: cost_of([r for r in rs if machine_of(r) == m]) for m in {machine_of(r) for r in rs}},
-            "seconds_by_machine": {m: mean_std([r["seconds"] for r in rs if machine_of(r) == m])[0]
-                                   for m in {machine_of(r) for r in rs}},
+            "cost_by_machine": {m: cost_of(ms) for m, ms in on.items()},
+            "seconds_by_machine": {m: mean_std([r["seconds"] for r in ms])[0] for m, ms in on.items()},
             "epochs": rs[0]["epochs"],
             "seconds": mean_std([r["seconds"] for r in rs])[0],
             "diagnoses": [],
